@@ -1,0 +1,211 @@
+"""The ``autotune`` command: parses, calls the library, prints. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import optuna
+
+from autotune import records
+from autotune.console import RichObserver, console, metrics_table, pareto_table, setup_logging
+from autotune.errors import AutotuneError
+from autotune.params import PARAMETERS, MeshConfig
+from autotune.quantity import parse_cpu
+from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec
+from autotune.storage import make_storage, redact
+from autotune.study import run_single, run_study
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+storage_option = click.option(
+    "--storage", envvar="AUTOTUNE_STORAGE", default=DEFAULT_STORAGE, show_default=True,
+    help="Optuna storage URL (SQLAlchemy). Prefer the AUTOTUNE_STORAGE variable for URLs with "
+         "passwords; 'env:NAME' reads it from variable NAME.",
+)
+
+
+class _Group(click.Group):
+    """Turns autotune's own errors into ``Error: …`` with exit code 1 and no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AutotuneError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Tune an Istio mesh's connection pool and sidecar settings by Bayesian search."""
+    setup_logging(verbose)
+
+
+@main.group()
+def study() -> None:
+    """Run and list studies."""
+
+
+def _overrides(spec: StudySpec, **opts: Any) -> StudySpec:
+    keys = {"study_name": "study.name", "trials": "study.trials", "storage": "study.storage",
+            "sampler": "study.sampler", "seed": "study.seed", "duration": "load.duration",
+            "warmup": "load.warmup", "results_dir": "study.results_dir"}
+    changes = {keys[k]: v for k, v in opts.items() if v is not None}
+    return spec.with_overrides(**changes) if changes else spec
+
+
+def _spec_options(f: F) -> F:
+    for opt in reversed([
+        click.option("--study-name", help="Override study.name."),
+        click.option("--trials", type=int, help="Override the trial budget (baseline included)."),
+        click.option("--storage", envvar="AUTOTUNE_STORAGE", help="Override study.storage."),
+        click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random", "gp"])),
+        click.option("--seed", type=int),
+        click.option("--duration", type=float, help="Measurement window, seconds."),
+        click.option("--warmup", type=float, help="Warm-up before the window, seconds."),
+        click.option("--results-dir", help="Where trials/<name>/ exports go."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@study.command("start")
+@click.argument("spec_path", type=click.Path(dir_okay=False, path_type=Path))
+@_spec_options
+def study_start(spec_path: Path, **opts: Any) -> None:
+    """Start or continue the study in SPEC_PATH; ends with the Pareto table."""
+    spec = _overrides(load_spec(spec_path), **opts)
+    objectives = [o.metric for o in spec.objectives]
+    console.print(f"study [bold]{spec.study.name}[/] · storage {redact(spec.study.storage)} · "
+                  f"sampler {spec.study.sampler} · load {spec.load.users} users × "
+                  f"{spec.load.per_user_rate:g} rps, {spec.load.warmup:g}s warm-up + "
+                  f"{spec.load.duration:g}s window")
+    try:
+        with RichObserver(objectives) as observer:
+            st = run_study(spec, observer)
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted.[/] The target is back at its baseline; run the same "
+                      "command again to continue the study.")
+        sys.exit(130)
+    _print_pareto(st)
+    console.print(f"results: {records.results_dir(spec)}/ (trials.csv, pareto.csv, manifests)")
+
+
+@study.command("list")
+@storage_option
+def study_list(storage: str) -> None:
+    """List the studies in the storage."""
+    summaries = optuna.get_all_study_summaries(make_storage(storage))
+    from rich.table import Table
+
+    table = Table(title=f"studies in {redact(storage)}")
+    for col in ("study", "trials", "objectives", "started"):
+        table.add_column(col)
+    for s in summaries:
+        table.add_row(s.study_name, str(s.n_trials), ", ".join(s.user_attrs.get("objectives", [])),
+                      str(s.datetime_start or "-"))
+    console.print(table)
+
+
+def _load(name: str, storage: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=make_storage(storage))
+    except KeyError:
+        raise AutotuneError(f"no study named {name!r} in {redact(storage)}; "
+                            "see 'autotune study list'") from None
+
+
+def _print_pareto(st: optuna.Study) -> None:
+    objectives: list[str] = st.user_attrs.get("objectives", [])
+    frame = records.pareto_frame(st)
+    if frame.empty:
+        console.print("[yellow]No feasible trial yet:[/] every measured config broke a constraint "
+                      "or failed. See trials.csv for the reasons.")
+        return
+    console.print(pareto_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))
+
+
+@main.command()
+@click.argument("name")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def pareto(name: str, storage: str, fmt: str) -> None:
+    """Show the feasible Pareto-optimal configs of study NAME."""
+    st = _load(name, storage)
+    if fmt == "table":
+        _print_pareto(st)
+    elif fmt == "csv":
+        click.echo(records.pareto_frame(st).to_csv(index=False), nl=False)
+    else:
+        click.echo(records.pareto_frame(st).to_json(orient="records", indent=2))
+
+
+@main.command()
+@click.argument("name")
+@storage_option
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def export(name: str, storage: str, out: Path) -> None:
+    """Write trials.csv, pareto.csv and per-Pareto-config manifests of study NAME to --out."""
+    result = records.export_study(_load(name, storage), out)
+    console.print(f"wrote {result.trials_csv}, {result.pareto_csv} and "
+                  f"{len(result.manifest_dirs)} manifest folder(s)")
+
+
+@main.command()
+@storage_option
+@click.option("--port", default=8080, show_default=True)
+def dashboard(storage: str, port: int) -> None:
+    """Serve optuna-dashboard for the storage on 127.0.0.1 (the URL stays out of argv and logs)."""
+    from optuna_dashboard import run_server
+
+    console.print(f"optuna-dashboard on http://127.0.0.1:{port}/ for {redact(storage)} (Ctrl-C stops)")
+    run_server(make_storage(storage), host="127.0.0.1", port=port)
+
+
+@main.group()
+def trial() -> None:
+    """Measure single configs."""
+
+
+def _parse_sets(values: tuple[str, ...]) -> MeshConfig:
+    params: dict[str, int | float] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in PARAMETERS:
+            raise AutotuneError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(PARAMETERS)}")
+        info = PARAMETERS[key]
+        try:
+            value: int | float = parse_cpu(raw) if info.kind == "cpu" else int(raw)
+        except ValueError as exc:
+            raise AutotuneError(f"--set {item!r}: {exc}") from None
+        if not info.minimum <= value <= info.maximum:
+            raise AutotuneError(f"--set {item!r}: must be between {info.minimum:g} and {info.maximum:g}")
+        params[key] = value
+    return MeshConfig.from_params(params)
+
+
+@trial.command("run")
+@click.argument("spec_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A setting by its Istio name, e.g. proxy.cpuLimit=500m. Unset ones keep Istio's default.")
+@click.option("--duration", type=float)
+@click.option("--warmup", type=float)
+def trial_run(spec_path: Path, sets: tuple[str, ...], duration: float | None,
+              warmup: float | None) -> None:
+    """Measure one config once under the spec's load (e.g. to check the baseline)."""
+    spec = _overrides(load_spec(spec_path), duration=duration, warmup=warmup)
+    config = _parse_sets(sets)
+    with RichObserver([o.metric for o in spec.objectives]) as observer:
+        observer.study_started("single trial", 0, 1)
+        observer.trial_started(0, 1, 1, config, not sets)
+        measured = run_single(spec, config, observer)
+    console.print(metrics_table(measured.metrics, f"trial: {config.describe()}"))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main(prog_name="autotune")

@@ -1,0 +1,128 @@
+"""Everything the terminal shows: one rich console, live study progress, the Pareto table."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autotune.objectives import METRIC_LABELS
+from autotune.params import MeshConfig
+from autotune.progress import TrialOutcome
+
+console = Console(stderr=False, highlight=False)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Route logging through the console; Optuna's own per-trial lines are replaced by ours."""
+    import optuna
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+                        force=True)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+class RichObserver:
+    """Live progress: trial i/N, the phase of the current trial (apply, ready, warm-up, measure)
+    and one line per finished trial with the best feasible result so far."""
+
+    def __init__(self, objectives: list[str]) -> None:
+        self.objectives = objectives
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.study_task: TaskID | None = None
+        self.phase_task: TaskID | None = None
+        self.best: dict[str, float] = {}
+
+    def __enter__(self) -> RichObserver:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def study_started(self, name: str, done: int, total: int) -> None:
+        self.study_task = self.progress.add_task(f"study {name}", total=total, completed=done,
+                                                 info=f"{done}/{total} trials")
+        self.phase_task = self.progress.add_task("trial", total=1.0, info="")
+
+    def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
+                      baseline: bool) -> None:
+        label = "baseline (Istio defaults)" if baseline else config.describe()
+        if self.phase_task is not None:
+            self.progress.update(self.phase_task, description=f"trial {index}/{total}",
+                                 completed=0, info=label)
+
+    def phase(self, name: str, fraction: float) -> None:
+        if self.phase_task is not None:
+            self.progress.update(self.phase_task, completed=max(0.0, min(1.0, fraction)),
+                                 info=name)
+
+    def trial_finished(self, outcome: TrialOutcome, best: list[dict[str, Any]]) -> None:
+        if self.study_task is not None:
+            self.progress.advance(self.study_task)
+            task = self.progress.tasks[self.study_task]
+            self.progress.update(self.study_task,
+                                 info=f"{int(task.completed)}/{int(task.total or 0)} trials")
+        tag = "baseline" if outcome.baseline else outcome.config.describe()
+        if outcome.state == "FAIL":
+            self.progress.console.print(f"[red]✗ trial {outcome.number}[/] {tag}: {outcome.reason}")
+            return
+        m = outcome.metrics
+        parts = [f"{METRIC_LABELS.get(k, k)} {_fmt(m.get(k))}" for k in self.objectives]
+        parts.append(f"{_fmt(m.get('achieved_rps'), 0)} rps, errors {m.get('error_rate', 0):.1%}")
+        mark = "[green]✓[/]" if outcome.feasible else "[yellow]infeasible[/]"
+        extra = f" ({'; '.join(outcome.violations)})" if outcome.violations else ""
+        self.progress.console.print(f"{mark} trial {outcome.number} {tag}: {', '.join(parts)}{extra}")
+
+
+def pareto_table(frame: pd.DataFrame, objectives: list[str], title: str) -> Table:
+    """The Pareto configs with their objectives and the change against the baseline."""
+    table = Table(title=title, show_lines=False)
+    table.add_column("trial", justify="right")
+    table.add_column("config")
+    for metric in objectives:
+        table.add_column(METRIC_LABELS.get(metric, metric), justify="right")
+        table.add_column("vs base", justify="right")
+    table.add_column("rps", justify="right")
+    table.add_column("errors", justify="right")
+    for _, row in frame.iterrows():
+        cells = [str(row["trial"]), "baseline" if row["baseline"] else str(row["config"])]
+        for metric in objectives:
+            cells.append(_fmt(row.get(metric)))
+            pct = row.get(f"{metric}_vs_baseline_pct")
+            cells.append("-" if pct is None or pd.isna(pct) else f"{pct:+.1f}%")
+        cells.append(_fmt(row.get("achieved_rps"), 0))
+        err = row.get("error_rate")
+        cells.append("-" if err is None or pd.isna(err) else f"{err:.1%}")
+        table.add_row(*cells)
+    return table
+
+
+def metrics_table(metrics: dict[str, float], title: str) -> Table:
+    """One measurement, metric by metric (``autotune trial run``)."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, _fmt(value, 3))
+    return table

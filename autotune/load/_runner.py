@@ -1,0 +1,361 @@
+"""Run one fixed, paced Locust load in its own process and measure it over a window.
+
+Locust is never imported here: it monkey-patches the interpreter with gevent, so it runs as a
+``python -m locust`` subprocess in its own session (a terminal Ctrl-C does not reach it; the
+runner stops it itself, and kills its whole process group on any error or interrupt).
+
+Timeline of :func:`run_load`::
+
+    spawn ── marker (test_start) ── warm-up ── on_window_start() ── duration ── on_window_end()
+                                                   |<────────── measured window ──────────>|
+    ── SIGTERM ── Locust writes its records and exits ── records filtered to the window
+
+The locustfile (see ``autotune/load/locustfile.py``) writes the started marker and the raw
+per-request records; the runner computes every figure from those records, never from Locust's
+own (rounded) statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import numpy.typing as npt
+
+from autotune.errors import TrialFailed
+from autotune.load._result import LoadResult
+from autotune.spec import LoadSpec
+
+logger = logging.getLogger(__name__)
+
+#: How long Locust may take from spawn to its ``test_start`` marker.
+START_TIMEOUT_S = 30.0
+#: How long Locust may take to write its records and exit after SIGTERM.
+EXIT_TIMEOUT_S = 15.0
+#: Extra run time given to Locust's own ``--run-time``; it is only a dead-man stop, since the
+#: runner ends the run itself right after the window.
+RUN_TIME_MARGIN_S = 15.0
+#: How often ``progress`` is called (at most this many seconds apart).
+PROGRESS_INTERVAL_S = 0.5
+_POLL_S = 0.05
+_TAIL_CHARS = 2000
+
+ProgressFn = Callable[[str, float], None]
+
+
+def check_loopback(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` is http(s) to a loopback host (127.0.0.0/8, ::1 or
+    ``localhost``). No name is resolved: only literal loopback addresses and ``localhost`` pass."""
+    host = _host_of(url)
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"refusing to send load to {url!r}: {host!r} is not a loopback address")
+
+
+def _host_of(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"load URL must be http(s)://host[:port], got {url!r}")
+    return parts.hostname.lower()
+
+
+@dataclass(frozen=True)
+class _Records:
+    ends: npt.NDArray[np.float64]
+    latencies_ms: npt.NDArray[np.float64]
+    statuses: npt.NDArray[np.int32]
+    failed: npt.NDArray[np.bool_]
+    truncated: bool
+
+
+def run_load(
+    url: str,
+    load: LoadSpec,
+    locustfile: Path,
+    *,
+    on_window_start: Callable[[], None],
+    on_window_end: Callable[[], None],
+    progress: ProgressFn | None = None,
+    timeout_s: float | None = None,
+) -> LoadResult:
+    """Run ``load`` against ``url`` with ``locustfile`` and return figures over the window only.
+
+    Calls ``on_window_start()`` once, ``load.warmup`` s after Locust's test start, and
+    ``on_window_end()`` once, ``load.duration`` s after that; the window is the wall-clock span
+    between the moments just before each callback ran, and only requests that *completed* inside
+    it are counted. ``progress(phase, fraction)`` is called at least once a second with phase
+    ``"warmup"`` or ``"measure"`` and fraction 0..1.
+
+    ``timeout_s`` bounds the whole run (default: warm-up + duration + 60 s).
+
+    Any URL is accepted here (the caller guards the target; see :func:`check_loopback`).
+    Raises ``TrialFailed("load", …)`` (with the tail of Locust's stderr) if Locust does not
+    start, dies, exits non-zero, runs out of time or records no request. On any exception,
+    ``KeyboardInterrupt`` included, Locust's whole process group is killed before re-raising;
+    the temporary directory is always removed. Unreachable targets are *not* a failure: their
+    requests are recorded as failed (status ``"error"``), so the result has error rate 1.0.
+    """
+    _host_of(url)
+    if not locustfile.is_file():
+        raise TrialFailed("load", f"locustfile not found: {locustfile}")
+    budget = timeout_s if timeout_s is not None else load.warmup + load.duration + 60.0
+    deadline = time.monotonic() + budget
+
+    workdir = Path(tempfile.mkdtemp(prefix="autotune-load-"))
+    marker = workdir / "started.json"
+    results = workdir / "records.bin"
+    stdout_path, stderr_path = workdir / "locust.stdout", workdir / "locust.stderr"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(
+                _command(url, load, locustfile),
+                cwd=workdir,
+                env=_environment(load, marker, results),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        spawned = time.monotonic()
+        logger.debug("Locust pid %d started: %s", proc.pid, proc.args)
+
+        t0 = _wait_for_marker(proc, marker, stderr_path, deadline)
+        logger.debug("Locust test started %.2f s after spawn", time.monotonic() - spawned)
+
+        _sleep_until(t0 + load.warmup, t0, load.warmup, "warmup", proc, stderr_path,
+                     deadline, progress)
+        window_start = time.time()
+        on_window_start()
+        _sleep_until(window_start + load.duration, window_start, load.duration, "measure",
+                     proc, stderr_path, deadline, progress)
+        window_end = time.time()
+        on_window_end()
+
+        _stop(proc, stderr_path, deadline)
+        records = _read_records(results, stderr_path)
+        return _summarise(records, window_start, window_end, load.offered_rps)
+    except BaseException:
+        if proc is not None:
+            _kill_group(proc)
+        raise
+    finally:
+        if proc is not None and proc.poll() is None:  # pragma: no cover - belt and braces
+            _kill_group(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _command(url: str, load: LoadSpec, locustfile: Path) -> list[str]:
+    run_time = math.ceil(load.warmup + load.duration + RUN_TIME_MARGIN_S)
+    return [
+        sys.executable, "-m", "locust",
+        "-f", str(locustfile.resolve()),
+        "--headless",
+        "-u", str(load.users),
+        # All users within ~0.1 s; the locustfile staggers their first requests itself.
+        "-r", str(max(load.users * 10, 1)),
+        "-t", f"{run_time}s",
+        "-H", url,
+        "--only-summary",
+        "--loglevel", "WARNING",
+        "--stop-timeout", "1",
+        # Failed requests are data, not a Locust failure: a non-zero exit then means trouble.
+        "--exit-code-on-error", "0",
+    ]
+
+
+def _environment(load: LoadSpec, marker: Path, results: Path) -> dict[str, str]:
+    # Users' LOCUST_* settings would silently change the load; autotune owns every option.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    # Custom locustfiles `import autotune.load.locustfile`; make sure this autotune is found.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.update(
+        AUTOTUNE_PATH=load.path,
+        AUTOTUNE_RATE=repr(load.per_user_rate),
+        AUTOTUNE_USERS=str(load.users),
+        AUTOTUNE_MARKER=str(marker),
+        AUTOTUNE_RESULTS=str(results),
+        AUTOTUNE_PARENT_PID=str(os.getpid()),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _tail(stderr_path: Path) -> str:
+    try:
+        data = stderr_path.read_bytes()[-_TAIL_CHARS:]
+    except OSError:
+        return "(no stderr)"
+    text = data.decode("utf-8", "replace").strip()
+    return f"Locust stderr (tail):\n{text}" if text else "Locust wrote nothing to stderr"
+
+
+def _check_alive(proc: subprocess.Popen[bytes], stderr_path: Path, when: str) -> None:
+    code = proc.poll()
+    if code is not None:
+        raise TrialFailed("load", f"Locust exited with code {code} {when}. {_tail(stderr_path)}")
+
+
+def _check_deadline(deadline: float, stderr_path: Path, when: str) -> None:
+    if time.monotonic() > deadline:
+        raise TrialFailed("load", f"the load run timed out {when}. {_tail(stderr_path)}")
+
+
+def _wait_for_marker(
+    proc: subprocess.Popen[bytes], marker: Path, stderr_path: Path, deadline: float
+) -> float:
+    """Wait for the locustfile's started marker; return its wall-clock start time."""
+    limit = min(deadline, time.monotonic() + START_TIMEOUT_S)
+    while True:
+        if marker.exists():
+            try:
+                return float(json.loads(marker.read_text())["start"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise TrialFailed("load", f"unreadable start marker {marker}: {exc}") from None
+        _check_alive(proc, stderr_path, "before the test started")
+        if time.monotonic() > limit:
+            raise TrialFailed(
+                "load",
+                "Locust did not start the test in time (a custom locustfile must "
+                "`import autotune.load.locustfile` to be measured). " + _tail(stderr_path),
+            )
+        time.sleep(_POLL_S)
+
+
+def _sleep_until(
+    until: float, since: float, span: float, phase: str, proc: subprocess.Popen[bytes],
+    stderr_path: Path, deadline: float, progress: ProgressFn | None,
+) -> None:
+    """Sleep until wall-clock ``until``, reporting progress, failing if Locust dies."""
+    next_report = 0.0
+    while True:
+        now = time.time()
+        if progress is not None and (now >= next_report or now >= until):
+            frac = 1.0 if span <= 0 else min(1.0, max(0.0, (now - since) / span))
+            progress(phase, frac)
+            next_report = now + PROGRESS_INTERVAL_S
+        if now >= until:
+            return
+        _check_alive(proc, stderr_path, f"during {phase}")
+        _check_deadline(deadline, stderr_path, f"during {phase}")
+        time.sleep(min(_POLL_S, until - now))
+
+
+def _stop(proc: subprocess.Popen[bytes], stderr_path: Path, deadline: float) -> None:
+    """Ask Locust to stop (SIGTERM: it writes its records and exits); require exit code 0."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    wait = max(1.0, min(EXIT_TIMEOUT_S, deadline - time.monotonic()))
+    try:
+        code = proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        raise TrialFailed(
+            "load", f"Locust did not exit within {wait:.0f} s of being stopped. {_tail(stderr_path)}"
+        ) from None
+    if code != 0:
+        raise TrialFailed("load", f"Locust exited with code {code}. {_tail(stderr_path)}")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM Locust's process group, then SIGKILL it if it is still there after 2 s."""
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; make sure nothing it forked lingers in its group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+    logger.error("Locust pid %d survived SIGKILL", proc.pid)  # pragma: no cover
+
+
+def _read_records(path: Path, stderr_path: Path) -> _Records:
+    """Parse the locustfile's results file (format in ``locustfile.py``)."""
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        raise TrialFailed("load", f"Locust wrote no results. {_tail(stderr_path)}") from None
+    try:
+        head_end = blob.index(b"\n")
+        header = json.loads(blob[:head_end])
+        n = int(header["count"])
+        if header.get("version") != 1:
+            raise ValueError(f"unknown version {header.get('version')!r}")
+        off = head_end + 1
+        ends = np.frombuffer(blob, dtype="<f8", count=n, offset=off)
+        off += 8 * n
+        lat = np.frombuffer(blob, dtype="<f8", count=n, offset=off)
+        off += 8 * n
+        statuses = np.frombuffer(blob, dtype="<i4", count=n, offset=off)
+        off += 4 * n
+        failed = np.frombuffer(blob, dtype=np.uint8, count=n, offset=off)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrialFailed("load", f"unreadable Locust results: {exc}") from None
+    if n == 0:
+        raise TrialFailed("load", f"Locust recorded no requests. {_tail(stderr_path)}")
+    if header.get("truncated"):
+        raise TrialFailed("load", f"more than {n} requests: the record buffer overflowed")
+    return _Records(
+        ends=ends.astype(np.float64),
+        latencies_ms=lat.astype(np.float64),
+        statuses=statuses.astype(np.int32),
+        failed=failed.astype(bool),
+        truncated=bool(header.get("truncated")),
+    )
+
+
+def _summarise(records: _Records, start: float, end: float, offered_rps: float) -> LoadResult:
+    """Figures over requests that completed in ``[start, end]``; non-2xx are always failures."""
+    inside = (records.ends >= start) & (records.ends <= end)
+    statuses = records.statuses[inside]
+    failed = records.failed[inside] | (statuses < 200) | (statuses >= 300)
+    ok_lat = records.latencies_ms[inside][~failed]
+    ok_lat = ok_lat[np.isfinite(ok_lat)]
+    if ok_lat.size:
+        p50, p95, p99 = (float(v) for v in np.percentile(ok_lat, [50.0, 95.0, 99.0]))
+    else:
+        p50 = p95 = p99 = math.nan
+    codes, counts = np.unique(statuses, return_counts=True)
+    status_counts = {
+        ("error" if int(c) == 0 else str(int(c))): int(k) for c, k in zip(codes, counts, strict=True)
+    }
+    window_s = end - start
+    requests = int(inside.sum())
+    return LoadResult(
+        offered_rps=offered_rps,
+        achieved_rps=requests / window_s if window_s > 0 else 0.0,
+        requests=requests,
+        failures=int(failed.sum()),
+        window_s=window_s,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        latency_p99_ms=p99,
+        status_counts=status_counts,
+    )

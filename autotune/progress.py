@@ -1,0 +1,50 @@
+"""How the study loop tells a person (or nobody) what is happening."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from autotune.params import MeshConfig
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """One finished trial as the observer sees it."""
+
+    number: int
+    config: MeshConfig
+    baseline: bool
+    state: str  # "COMPLETE" or "FAIL"
+    metrics: dict[str, float] = field(default_factory=dict)
+    feasible: bool = False
+    reason: str = ""
+    violations: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Observer(Protocol):
+    """Receives progress. Implementations must not raise."""
+
+    def study_started(self, name: str, done: int, total: int) -> None: ...
+    def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
+                      baseline: bool) -> None: ...
+    def phase(self, name: str, fraction: float) -> None: ...
+    def trial_finished(self, outcome: TrialOutcome, best: list[dict[str, Any]]) -> None: ...
+
+
+class NullObserver:
+    """Says nothing; what the library API and the tests use by default."""
+
+    def study_started(self, name: str, done: int, total: int) -> None:
+        pass
+
+    def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
+                      baseline: bool) -> None:
+        pass
+
+    def phase(self, name: str, fraction: float) -> None:
+        pass
+
+    def trial_finished(self, outcome: TrialOutcome, best: list[dict[str, Any]]) -> None:
+        pass

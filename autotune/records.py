@@ -1,0 +1,145 @@
+"""Study records: ``trials.csv``, ``pareto.csv`` and ready-to-apply manifests per Pareto config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from autotune.params import PARAMETERS, MeshConfig
+from autotune.quantity import format_cpu
+from autotune.spec import StudySpec
+
+METRIC_COLUMNS = [
+    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "cpu_reserved_cores",
+    "cpu_throttled_ratio", "achieved_rps", "offered_rps", "throughput_ratio", "error_rate",
+    "requests",
+]
+MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml")
+
+
+def results_dir(spec: StudySpec) -> Path:
+    """Where the spec's study exports: ``<results_dir>/<study name>``."""
+    return Path(spec.study.results_dir) / spec.study.name
+
+
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    """One trial as a flat row: number, state, baseline, config by Istio name, metrics, reason."""
+    ua = trial.user_attrs
+    config = MeshConfig.from_params(ua.get("config", trial.params))
+    row: dict[str, Any] = {
+        "trial": trial.number,
+        "state": trial.state.name,
+        "baseline": bool(ua.get("baseline", False)),
+        "feasible": bool(ua.get("feasible", False)),
+        "config": config.describe(),
+    }
+    set_values = config.to_params()
+    for name, info in PARAMETERS.items():
+        value = set_values.get(name)
+        row[name] = (format_cpu(value) if info.kind == "cpu" else value) if value is not None else None
+    row["envoy_concurrency"] = config.effective_concurrency
+    for col in METRIC_COLUMNS:
+        row[col] = ua.get(col)
+    timings = ua.get("timings") or {}
+    row["trial_wall_s"] = timings.get("total_s")
+    row["violations"] = "; ".join(ua.get("violations") or [])
+    row["fail_reason"] = ua.get("fail_message") or ua.get("fail_reason")
+    return row
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """Every trial of the study (any state except WAITING), in trial order."""
+    rows = [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+    return pd.DataFrame(rows)
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible completed trials that no other feasible trial dominates, sorted by the first
+    objective. Computed here rather than with ``study.best_trials`` so feasibility is ours for
+    every sampler (Optuna's random sampler records no constraints)."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.user_attrs.get("feasible") and t.values is not None]
+    if not trials:
+        return []
+    sign = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
+                     for d in study.directions])
+    values = np.array([t.values for t in trials], dtype=float) * sign
+    front = []
+    for i, v in enumerate(values):
+        dominated = np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1))
+        if not dominated:
+            front.append(trials[i])
+    return sorted(front, key=lambda t: (t.values[0], t.number))
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The latest completed Istio-default baseline trial, if any."""
+    base = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("baseline")]
+    return base[-1] if base else None
+
+
+def pareto_frame(study: optuna.Study) -> pd.DataFrame:
+    """The feasible Pareto front with, per objective, the change against the baseline in %."""
+    metrics: list[str] = study.user_attrs.get("objectives", [])
+    base = baseline_trial(study)
+    rows = []
+    for t in pareto_trials(study):
+        row = trial_row(t)
+        for metric in metrics:
+            b = base.user_attrs.get(metric) if base else None
+            v = t.user_attrs.get(metric)
+            row[f"{metric}_vs_baseline_pct"] = (
+                round(100.0 * (v - b) / b, 1) if b and v is not None else None
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What ``export_study`` wrote."""
+
+    directory: Path
+    trials_csv: Path
+    pareto_csv: Path
+    manifest_dirs: list[Path]
+
+
+def export_study(study: optuna.Study, out_dir: Path) -> Exported:
+    """Write ``trials.csv``, ``pareto.csv``, ``pareto.html`` and, for each Pareto trial,
+    ``trial-<n>/{destinationrule,deployment-patch}.yaml`` under ``out_dir``. Overwrites."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials_csv, pareto_csv = out_dir / "trials.csv", out_dir / "pareto.csv"
+    trials_frame(study).to_csv(trials_csv, index=False)
+    pareto_frame(study).to_csv(pareto_csv, index=False)
+    dirs = []
+    for t in pareto_trials(study):
+        d = out_dir / f"trial-{t.number:03d}"
+        d.mkdir(exist_ok=True)
+        for name in MANIFESTS:
+            (d / name).write_text(t.user_attrs[name], encoding="utf-8")
+        dirs.append(d)
+    _write_plot(study, out_dir / "pareto.html")
+    return Exported(out_dir, trials_csv, pareto_csv, dirs)
+
+
+def _write_plot(study: optuna.Study, path: Path) -> None:
+    """The Pareto front as an interactive plotly page (feasible and infeasible trials shown)."""
+    metrics: list[str] = study.user_attrs.get("objectives", [])
+    if len(metrics) not in (2, 3) or baseline_trial(study) is None and not pareto_trials(study):
+        return
+    fig = optuna.visualization.plot_pareto_front(
+        study, target_names=metrics, constraints_func=_constraints_of
+    )
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def _constraints_of(trial: FrozenTrial) -> list[float]:
+    return [0.0] if trial.user_attrs.get("feasible") else [1.0]

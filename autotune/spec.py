@@ -1,0 +1,361 @@
+"""Study specs (``search-spaces/*.yaml``): parsed once, at the edge, into typed models.
+
+Every problem is reported with the file, the field path and the rule broken, before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from autotune.errors import SpecError
+from autotune.params import PARAMETERS, ParamInfo
+from autotune.quantity import format_cpu, parse_cpu, parse_memory
+
+DEFAULT_STORAGE = "sqlite:///trials/autotune.db"
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)?\s*$")
+
+
+def _seconds(value: Any) -> Any:
+    """Accept ``30``, ``"30s"``, ``"500ms"`` or ``"2m"`` and return seconds."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"a duration is a number of seconds or '30s', '500ms', '2m'; got {value!r}")
+        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+        return float(m.group(1)) * scale
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+class StudySettings(_Model):
+    """Which study, where it is stored, how it searches."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    storage: str = DEFAULT_STORAGE
+    sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
+    trials: int = Field(default=10, ge=1, le=10000)
+    seed: int | None = None
+    results_dir: str = "trials"
+
+
+class ServiceRef(_Model):
+    """The service whose client sidecars are tuned; names appear in the generated manifests."""
+
+    name: str = "backend"
+    namespace: str = "staging"
+    host: str = ""
+    port: int = Field(default=8080, ge=1, le=65535)
+    destination_rule: str | None = None
+
+    @model_validator(mode="after")
+    def _default_host(self) -> ServiceRef:
+        if not self.host:
+            object.__setattr__(self, "host", f"{self.name}.{self.namespace}.svc.cluster.local")
+        return self
+
+
+class SidecarResources(_Model):
+    """The sidecar resources that are not tuned but must be written with the CPU limit
+    (Istio drops all its defaults once one resource annotation is set)."""
+
+    cpu_request: str = "100m"
+    memory_request: str = "128Mi"
+    memory_limit: str = "1024Mi"
+
+    @field_validator("cpu_request")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        return format_cpu(parse_cpu(v))
+
+    @field_validator("memory_request", "memory_limit")
+    @classmethod
+    def _mem(cls, v: str) -> str:
+        parse_memory(v)
+        return v
+
+    @property
+    def cpu_request_cores(self) -> float:
+        return parse_cpu(self.cpu_request)
+
+
+class ParamRange(_Model):
+    """Search range of one parameter as written in the spec (checked against Istio's rules later)."""
+
+    type: Literal["int", "cpu"] | None = None
+    low: int | float | str
+    high: int | float | str
+    log: bool = False
+    step: int | float | str | None = None
+
+
+class SearchParam(BaseModel):
+    """One parameter of the search space, validated, in numbers (CPU in cores)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    info: ParamInfo
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+Metric = Literal["latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores",
+                 "cpu_reserved_cores"]
+
+
+class Objective(_Model):
+    metric: Metric
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+def _objective(value: Any) -> Any:
+    return {"metric": value} if isinstance(value, str) else value
+
+
+class Constraints(_Model):
+    """A trial is feasible only if every rule holds; fast 503s must never look good."""
+
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    min_throughput_ratio: float = Field(default=0.95, ge=0, le=1)
+
+
+class LoadSpec(_Model):
+    """A fixed, paced Locust load: ``users`` each sending ``rate_per_user`` requests/s."""
+
+    users: int = Field(default=10, ge=1, le=5000)
+    rate_per_user: float | None = Field(default=None, gt=0)
+    target_rps: float | None = Field(default=None, gt=0)
+    warmup: Seconds = 5.0
+    duration: Annotated[float, BeforeValidator(_seconds), Field(gt=0)] = 20.0
+    path: str = Field(default="/", pattern=r"^/")
+    locustfile: str | None = None
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> LoadSpec:
+        if self.rate_per_user is not None and self.target_rps is not None:
+            raise ValueError("give either ratePerUser or targetRps, not both")
+        if self.rate_per_user is None and self.target_rps is None:
+            object.__setattr__(self, "rate_per_user", 10.0)
+        return self
+
+    @property
+    def per_user_rate(self) -> float:
+        """Requests per second each user sends."""
+        if self.target_rps is not None:
+            return self.target_rps / self.users
+        assert self.rate_per_user is not None
+        return self.rate_per_user
+
+    @property
+    def offered_rps(self) -> float:
+        return self.per_user_rate * self.users
+
+
+class UpstreamSpec(_Model):
+    """Real HTTP endpoints on loopback standing in for the service's pods."""
+
+    endpoints: int = Field(default=2, ge=1, le=16)
+    service_time_ms: float = Field(default=5.0, ge=0, le=60000)
+    response_bytes: int = Field(default=128, ge=0, le=1_000_000)
+
+
+class LocalTargetSpec(_Model):
+    """The embedded default: a real Envoy on 127.0.0.1 whose CPU limit is a cgroup quota."""
+
+    kind: Literal["local"] = "local"
+    upstream: UpstreamSpec = UpstreamSpec()
+    envoy_binary: str | None = None
+    ready_timeout: Seconds = 30.0
+
+
+class Timing(_Model):
+    """How long each phase of a trial may take before the trial is failed."""
+
+    ready_timeout: Seconds = 60.0
+    settle: Seconds = 0.0
+    load_grace: Seconds = 30.0
+
+
+class StudySpec(_Model):
+    """A whole study spec file."""
+
+    study: StudySettings
+    service: ServiceRef = ServiceRef()
+    sidecar: SidecarResources = SidecarResources()
+    parameters: dict[str, ParamRange] = Field(min_length=1)
+    objectives: list[Annotated[Objective, BeforeValidator(_objective)]] = Field(
+        default_factory=lambda: [Objective(metric="latency_p95_ms"), Objective(metric="cpu_cores")],
+        min_length=1,
+    )
+    constraints: Constraints = Constraints()
+    load: LoadSpec = LoadSpec()
+    timing: Timing = Timing()
+    target: LocalTargetSpec = LocalTargetSpec()
+    #: Set by the loader: the file this spec came from (for relative paths and messages).
+    source: str = Field(default="<memory>", exclude=True)
+
+    def search_space(self) -> list[SearchParam]:
+        """The validated parameters, in spec order (CPU values in cores)."""
+        return [_search_param(name, r) for name, r in self.parameters.items()]
+
+    def locustfile_path(self) -> Path:
+        """The locustfile to run: the spec's (relative to the spec file) or the built-in paced one."""
+        if self.load.locustfile:
+            p = Path(self.load.locustfile)
+            return p if p.is_absolute() else Path(self.source).parent / p
+        return Path(__file__).parent / "load" / "locustfile.py"
+
+    def with_overrides(self, **changes: Any) -> StudySpec:
+        """A copy with dotted-path overrides, e.g. ``{"study.trials": 3, "load.duration": 5}``,
+        validated like the file itself."""
+        data = self.model_dump(by_alias=False, exclude={"source"})
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return parse_spec(data, self.source)
+
+
+def _search_param(name: str, r: ParamRange) -> SearchParam:
+    info = PARAMETERS[name]
+    if info.kind == "cpu":
+        low, high = parse_cpu(r.low), parse_cpu(r.high)
+        step = parse_cpu(r.step) if r.step is not None else None
+    else:
+        low, high = float(r.low), float(r.high)
+        step = float(r.step) if r.step is not None else None
+    return SearchParam(name=name, info=info, low=low, high=high, log=r.log, step=step)
+
+
+def _check_param(name: str, r: ParamRange) -> list[str]:
+    """Istio's and Optuna's rules for one range; each problem names the field path and the rule."""
+    where = f'parameters["{name}"]'
+    info = PARAMETERS.get(name)
+    if info is None:
+        known = ", ".join(PARAMETERS)
+        return [f"{where}: unknown parameter; known parameters are {known}"]
+    if r.type is not None and r.type != info.kind:
+        return [f"{where}.type: {name} is of type {info.kind!r}, not {r.type!r}"]
+    problems: list[str] = []
+    values: dict[str, float] = {}
+    for key in ("low", "high", "step"):
+        raw = getattr(r, key)
+        if raw is None:
+            continue
+        try:
+            if info.kind == "cpu":
+                values[key] = parse_cpu(raw)
+            else:
+                if isinstance(raw, bool) or not isinstance(raw, int):
+                    raise ValueError(f"must be a whole number, got {raw!r}")
+                values[key] = float(raw)
+        except ValueError as exc:
+            problems.append(f"{where}.{key}: {exc}")
+    if problems:
+        return problems
+    low, high = values["low"], values["high"]
+    if low < info.minimum:
+        why = ("Istio treats 0 as unset and istiod rejects negative limits"
+               if info.kind == "int" else "the local cgroup quota cannot go below 10m")
+        problems.append(f"{where}.low: must be >= {_fmt(info, info.minimum)} ({why}), got {_fmt(info, low)}")
+    if high > info.maximum:
+        problems.append(f"{where}.high: must be <= {_fmt(info, info.maximum)}, got {_fmt(info, high)}")
+    if low > high:
+        problems.append(f"{where}: low <= high must hold, got low={_fmt(info, low)}, high={_fmt(info, high)}")
+    if r.log and "step" in values:
+        problems.append(f"{where}: log and step cannot be combined (Optuna samples one or the other)")
+    if "step" in values and values["step"] <= 0:
+        problems.append(f"{where}.step: must be > 0")
+    return problems
+
+
+def _fmt(info: ParamInfo, value: float) -> str:
+    return format_cpu(value) if info.kind == "cpu" else str(int(value))
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "." in part:
+            out += f'["{part}"]'
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def parse_spec(data: Any, source: str = "<memory>") -> StudySpec:
+    """Validate an already-loaded document; raise ``SpecError`` listing every problem."""
+    if not isinstance(data, dict):
+        raise SpecError(source, ["(top level): a study spec is a mapping with at least 'study' and 'parameters'"])
+    try:
+        spec = StudySpec.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems = [f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise SpecError(source, problems) from None
+    problems = [p for name, r in spec.parameters.items() for p in _check_param(name, r)]
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicated mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicated key {key!r} (first at line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a spec file. Raises ``SpecError`` naming the file, field path and rule."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(str(p), [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise SpecError(str(p), [f"YAML syntax at {where}: {exc.problem}"]) from None
+    return parse_spec(data, str(p))

@@ -1,0 +1,200 @@
+"""The study loop: propose a config, measure it on the target, record it, restore on failure."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from autotune import mapping, records
+from autotune.errors import AutotuneError, TrialFailed
+from autotune.objectives import constraint_values, objective_values, violations
+from autotune.params import MeshConfig
+from autotune.progress import NullObserver, Observer, TrialOutcome
+from autotune.samplers import constraints_from_attrs, make_sampler
+from autotune.spec import SearchParam, StudySpec
+from autotune.storage import make_storage
+from autotune.targets import Target, make_target
+from autotune.trial import Measurement, measure_config
+
+log = logging.getLogger(__name__)
+INTERRUPTED = "interrupted"
+
+
+def suggest(trial: Trial, space: list[SearchParam]) -> MeshConfig:
+    """Ask the sampler for one value per parameter of the space (CPU in cores, 1m precision)."""
+    values: dict[str, int | float] = {}
+    for p in space:
+        if p.info.kind == "cpu":
+            v = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+            values[p.name] = round(v, 3)
+        else:
+            step = int(p.step) if p.step else 1
+            values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=step, log=p.log)
+    return MeshConfig.from_params(values)
+
+
+def config_of(trial: FrozenTrial) -> MeshConfig:
+    """The config a recorded trial ran with (the baseline has no sampled params)."""
+    return MeshConfig.from_params(trial.user_attrs.get("config", trial.params))
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that use up the budget: completed ones and real failures, not Ctrl-C'd or crashed ones."""
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        reason = t.user_attrs.get("fail_reason")
+        if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and reason
+                                              and reason != INTERRUPTED):
+            n += 1
+    return n
+
+
+def open_study(spec: StudySpec, *, create: bool = True) -> optuna.Study:
+    """Create or load the spec's study. A study of the same name with other objectives is refused."""
+    storage = make_storage(spec.study.storage)
+    sampler = make_sampler(spec.study.sampler, spec.study.seed, constraints_from_attrs)
+    metrics = [o.metric for o in spec.objectives]
+    directions = [o.direction for o in spec.objectives]
+    if not create:
+        return optuna.load_study(study_name=spec.study.name, storage=storage, sampler=sampler)
+    study = optuna.create_study(study_name=spec.study.name, storage=storage, sampler=sampler,
+                                directions=directions, load_if_exists=True)
+    existing = study.user_attrs.get("objectives")
+    if existing is None:
+        study.set_user_attr("objectives", metrics)
+        study.set_user_attr("spec", json.loads(spec.model_dump_json(by_alias=True)))
+    elif existing != metrics:
+        raise AutotuneError(
+            f"study {spec.study.name!r} already exists with objectives {existing}, not {metrics}; "
+            "choose another name with --study-name"
+        )
+    return study
+
+
+def _has_baseline(study: optuna.Study) -> bool:
+    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    return any(t.user_attrs.get("baseline") and t.state in live
+               for t in study.get_trials(deepcopy=False))
+
+
+class _Objective:
+    """The Optuna objective: one trial on the target, everything recorded on the trial."""
+
+    def __init__(self, spec: StudySpec, target: Target, observer: Observer, total: int) -> None:
+        self.spec, self.target, self.observer, self.total = spec, target, observer, total
+        self.space = spec.search_space()
+
+    def __call__(self, trial: Trial) -> list[float]:
+        baseline = bool(trial.user_attrs.get("baseline"))
+        config = MeshConfig() if baseline else suggest(trial, self.space)
+        self._record_config(trial, config)
+        index = counted_trials(trial.study) + 1
+        self.observer.trial_started(trial.number, index, self.total, config, baseline)
+        try:
+            measured = measure_config(self.target, self.spec, config, self.observer)
+            try:
+                values = objective_values(self.spec.objectives, measured.metrics)
+            except ValueError as exc:
+                raise TrialFailed("no-success", str(exc)) from None
+        except TrialFailed as exc:
+            self._fail(trial, config, baseline, exc.reason, str(exc))
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+        self._record(trial, measured)
+        outcome = TrialOutcome(
+            number=trial.number, config=config, baseline=baseline, state="COMPLETE",
+            metrics=measured.metrics, feasible=bool(trial.user_attrs["feasible"]),
+            violations=list(trial.user_attrs["violations"]), timings=measured.timings,
+        )
+        self.observer.trial_finished(outcome, [])
+        return values
+
+    def _record_config(self, trial: Trial, config: MeshConfig) -> None:
+        trial.set_user_attr("config", config.to_params())
+        trial.set_user_attr("envoy_concurrency", config.effective_concurrency)
+        trial.set_user_attr("destinationrule.yaml",
+                            mapping.to_yaml(mapping.destination_rule(config, self.spec.service)))
+        trial.set_user_attr("deployment-patch.yaml",
+                            mapping.to_yaml(mapping.deployment_patch(config, self.spec.sidecar)))
+
+    def _record(self, trial: Trial, m: Measurement) -> None:
+        for key, value in m.metrics.items():
+            trial.set_user_attr(key, value if math.isfinite(value) else None)
+        rules = self.spec.constraints
+        trial.set_user_attr("constraints", constraint_values(rules, m.metrics))
+        broken = violations(rules, m.metrics)
+        trial.set_user_attr("feasible", not broken)
+        trial.set_user_attr("violations", broken)
+        trial.set_user_attr("status_counts", m.status_counts)
+        trial.set_user_attr("observed", m.observed)
+        trial.set_user_attr("timings", {k: round(v, 3) for k, v in m.timings.items()})
+
+    def _fail(self, trial: Trial, config: MeshConfig, baseline: bool, reason: str,
+              message: str) -> None:
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("fail_message", message[-2000:])
+        log.warning("trial %d failed with %s: %s", trial.number, config.describe(), message)
+        try:
+            self.target.restore()
+        except AutotuneError as exc:
+            log.error("could not restore the baseline after trial %d: %s", trial.number, exc)
+        self.observer.trial_finished(
+            TrialOutcome(number=trial.number, config=config, baseline=baseline, state="FAIL",
+                         reason=message), [])
+
+
+def run_study(spec: StudySpec, observer: Observer | None = None,
+              target: Target | None = None, export: bool = True) -> optuna.Study:
+    """Run (or continue) the spec's study until its trial budget is used.
+
+    The Istio-default baseline is measured first. A failed trial is recorded FAIL with its reason,
+    the target is restored and the study goes on. On Ctrl-C (KeyboardInterrupt) the load is
+    stopped, the target restored and closed, and the exception re-raised; running again resumes.
+    Results are exported to ``<results_dir>/<study name>/`` at the end.
+    """
+    obs = observer or NullObserver()
+    study = open_study(spec)
+    total = spec.study.trials
+    done = counted_trials(study)
+    obs.study_started(spec.study.name, done, total)
+    if done < total:
+        tgt = target or make_target(spec)
+        tgt.check_supported(spec.search_space())
+        if not _has_baseline(study):
+            study.enqueue_trial({}, user_attrs={"baseline": True})
+
+        def stop_when_done(st: optuna.Study, _t: FrozenTrial) -> None:
+            if counted_trials(st) >= total:
+                st.stop()
+
+        try:
+            tgt.start()
+            study.optimize(_Objective(spec, tgt, obs, total), callbacks=[stop_when_done],
+                           catch=(TrialFailed,))
+        finally:
+            tgt.close()
+    if export:
+        records.export_study(study, records.results_dir(spec))
+    return study
+
+
+def run_single(spec: StudySpec, config: MeshConfig, observer: Observer | None = None,
+               target: Target | None = None) -> Measurement:
+    """Measure one config once (``autotune trial run``); the target is closed afterwards."""
+    tgt = target or make_target(spec)
+    space = [p for p in spec.search_space() if p.name in config.to_params()]
+    tgt.check_supported(space)
+    with tgt:
+        return measure_config(tgt, spec, config, observer)
+
+
+def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+    """A flat dict of one recorded trial, for tables."""
+    return records.trial_row(trial)

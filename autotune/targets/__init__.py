@@ -1,0 +1,15 @@
+"""Targets: where settings are applied and measured. ``local`` (real Envoy) is the default."""
+
+from __future__ import annotations
+
+from autotune.spec import StudySpec
+from autotune.targets._base import ProxyUsage, Target
+
+__all__ = ["ProxyUsage", "Target", "make_target"]
+
+
+def make_target(spec: StudySpec) -> Target:
+    """The target the spec names, not yet started."""
+    from autotune.targets.local import LocalTarget
+
+    return LocalTarget(spec.target, spec.service)
