@@ -272,7 +272,8 @@ def _stop(proc: subprocess.Popen[bytes], stderr_path: Path, deadline: float) -> 
         code = proc.wait(timeout=wait)
     except subprocess.TimeoutExpired:
         raise TrialFailed(
-            "load", f"Locust did not exit within {wait:.0f} s of being stopped. {_tail(stderr_path)}"
+            "load",
+            f"Locust did not exit within {wait:.0f} s of being stopped. {_tail(stderr_path)}",
         ) from None
     if code != 0:
         raise TrialFailed("load", f"Locust exited with code {code}. {_tail(stderr_path)}")
@@ -281,10 +282,8 @@ def _stop(proc: subprocess.Popen[bytes], stderr_path: Path, deadline: float) -> 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM Locust's process group, then SIGKILL it if it is still there after 2 s."""
     for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -344,7 +343,8 @@ def _summarise(records: _Records, start: float, end: float, offered_rps: float) 
         p50 = p95 = p99 = math.nan
     codes, counts = np.unique(statuses, return_counts=True)
     status_counts = {
-        ("error" if int(c) == 0 else str(int(c))): int(k) for c, k in zip(codes, counts, strict=True)
+        ("error" if int(c) == 0 else str(int(c))): int(k)
+        for c, k in zip(codes, counts, strict=True)
     }
     window_s = end - start
     requests = int(inside.sum())

@@ -164,13 +164,14 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 # Register once, even if a custom locustfile imports this module as well.
-if not getattr(events, "_autotune_recorder", None):
+_events: Any = events  # locust's EventHook.add_listener is untyped
+if not getattr(_events, "_autotune_recorder", None):
     _recorder = _Recorder()
-    events._autotune_recorder = _recorder
-    events.request.add_listener(_recorder.on_request)
-    events.test_start.add_listener(_recorder.on_test_start)
-    events.test_stop.add_listener(_recorder.on_stop)
-    events.quitting.add_listener(_recorder.on_stop)
+    _events._autotune_recorder = _recorder
+    _events.request.add_listener(_recorder.on_request)
+    _events.test_start.add_listener(_recorder.on_test_start)
+    _events.test_stop.add_listener(_recorder.on_stop)
+    _events.quitting.add_listener(_recorder.on_stop)
 
 
 class PacedUser(FastHttpUser):

@@ -1,0 +1,319 @@
+"""The local target: a real Envoy on 127.0.0.1 standing in for a client sidecar.
+
+Upstream endpoints (the service's pods) run for the whole study. Each ``apply`` restarts Envoy,
+because concurrency is a bootstrap-time setting (in Istio, a pod restart), with the cluster Istio
+would generate and the CPU limit enforced as a cgroup CPU quota. CPU use is read from the cgroup.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import http.client
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from autotune.errors import TargetError, TrialFailed, UnsupportedParameter
+from autotune.mapping import cluster_name, envoy_cluster
+from autotune.params import MeshConfig
+from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef
+from autotune.targets._base import ProxyUsage, Target
+from autotune.targets.local.cgroup import (
+    NAME_PREFIX,
+    CgroupSupport,
+    CpuCgroup,
+    CpuSample,
+    detect,
+)
+from autotune.targets.local.envoy import EnvoyProcess, find_envoy_binary, render_bootstrap
+from autotune.targets.local.upstream import UpstreamProcess
+
+logger = logging.getLogger(__name__)
+
+_HOST = "127.0.0.1"
+
+
+class LocalTarget(Target):
+    """Real Envoy + real upstream processes on loopback, CPU limited by a cgroup quota.
+
+    Every process it starts is recorded in ``started_pids`` and stopped by PID in ``close`` (also
+    registered with ``atexit``). Not thread-safe.
+    """
+
+    name = "local"
+
+    def __init__(self, spec: LocalTargetSpec, service: ServiceRef) -> None:
+        self.spec = spec
+        self.service = service
+        self.baseline = MeshConfig()
+        #: PIDs of every process this target started (Envoy runs and upstream endpoints).
+        self.started_pids: list[int] = []
+        self._binary: str | None = None
+        self._support: CgroupSupport | None = None
+        self._cgroup: CpuCgroup | None = None
+        self._tmp: Path | None = None
+        self._upstreams: list[UpstreamProcess] = []
+        self._envoy: EnvoyProcess | None = None
+        self._listener_port: int | None = None
+        self._applied: MeshConfig | None = None
+        self._window_start: CpuSample | None = None
+        self._runs = 0
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the Envoy binary and cgroup support, start the upstreams and a baseline Envoy.
+
+        Raises ``TargetError`` saying what to fix; leaves no process, cgroup or file behind.
+        """
+        if self._closed:
+            raise TargetError("this local target was closed; create a new one")
+        if self._started:
+            return
+        atexit.register(self.close)
+        try:
+            self._binary = find_envoy_binary(self.spec.envoy_binary)
+            self._support = detect()
+            if self._support.available:
+                self._cgroup = CpuCgroup.create(NAME_PREFIX, self._support)
+            else:
+                logger.warning("no writable CPU cgroup (%s): the proxy's CPU limit is not enforced "
+                               "and its CPU use is read from the process", self._support.reason)
+            self._tmp = Path(tempfile.mkdtemp(prefix="autotune-local-"))
+            up = self.spec.upstream
+            for _ in range(up.endpoints):
+                proc = UpstreamProcess(up.service_time_ms, up.response_bytes, self._tmp)
+                self._upstreams.append(proc)
+                try:
+                    proc.start()
+                finally:
+                    if proc.pid is not None:
+                        self.started_pids.append(proc.pid)
+            self._started = True
+            self.apply(self.baseline)
+            self.wait_ready(self.spec.ready_timeout)
+        except TrialFailed as exc:
+            self.close()
+            raise TargetError(f"the baseline proxy (Istio defaults) did not start: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        logger.info("local target ready: %s -> %d upstream endpoint(s), cgroup %s",
+                    self.load_url, len(self._upstreams),
+                    self._cgroup.name if self._cgroup else "none")
+
+    def check_supported(self, space: list[SearchParam]) -> None:
+        """``proxy.cpuLimit`` needs a writable CPU cgroup; raise ``UnsupportedParameter`` otherwise."""
+        if not any(p.name == "proxy.cpuLimit" for p in space):
+            return
+        support = self._support or detect()
+        if not support.available:
+            raise UnsupportedParameter(
+                f"proxy.cpuLimit cannot be enforced by the local target on this machine: "
+                f"{support.reason}. The limit is a cgroup CPU quota; run as root with cgroup v1 "
+                "cpu/cpuacct or a cgroup v2 cpu controller you may write to, or remove "
+                "proxy.cpuLimit from the search space.")
+
+    def apply(self, config: MeshConfig) -> None:
+        """Restart Envoy with ``config``: quota = ``effective_cpu_limit`` cores, workers =
+        ``effective_concurrency``, the cluster from ``mapping.envoy_cluster``.
+
+        Raises ``TrialFailed('proxy-start', …)`` when Envoy rejects the config or exits.
+        """
+        self._require_started()
+        if config.cpu_limit is not None and self._cgroup is None:
+            reason = self._support.reason if self._support else "not checked"
+            raise UnsupportedParameter(f"cannot enforce cpuLimit without a CPU cgroup: {reason}")
+        self._stop_envoy()
+        self._applied = None
+        if self._cgroup is not None:
+            self._cgroup.set_quota(config.effective_cpu_limit)
+        endpoints = [(_HOST, u.port) for u in self._upstreams if u.port is not None]
+        cluster = envoy_cluster(config, self.service, endpoints)
+        self._start_envoy(config.effective_concurrency, cluster)
+        self._applied = config
+        logger.debug("applied %s", config.describe())
+
+    def _start_envoy(self, concurrency: int, cluster: dict[str, Any]) -> None:
+        assert self._binary is not None and self._tmp is not None
+        port = self._listener_port or 0
+        for attempt in range(2):
+            self._runs += 1
+            envoy = EnvoyProcess(self._binary, self._tmp / f"envoy-{self._runs}", concurrency)
+            self._envoy = envoy
+            try:
+                envoy.start(render_bootstrap(cluster, port), self._cgroup, self.spec.ready_timeout)
+            except TrialFailed as exc:
+                self._envoy = None
+                if attempt == 0 and port and "ddress already in use" in str(exc):
+                    logger.info("listener port %s taken; letting Envoy pick another", port)
+                    port = 0
+                    continue
+                raise
+            finally:
+                if envoy.pid is not None and envoy.pid not in self.started_pids:
+                    self.started_pids.append(envoy.pid)
+            self._listener_port = envoy.listener_port
+            return
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once a request through the listener gets the upstream's 200.
+
+        Raises ``TrialFailed('proxy-start', …)`` if Envoy died, ``TrialFailed('not-ready', …)``
+        after ``timeout_s``.
+        """
+        self._require_started()
+        envoy = self._envoy
+        if envoy is None or envoy.proc is None:
+            raise TrialFailed("not-ready", "no proxy is running (the last apply failed)")
+        deadline = time.monotonic() + timeout_s
+        per_request = max(5.0, 2 * self.spec.upstream.service_time_ms / 1000 + 5)
+        last = "no attempt"
+        while True:
+            if envoy.proc.poll() is not None:
+                raise TrialFailed("proxy-start", f"envoy exited with code {envoy.proc.returncode}:"
+                                  f"\n{envoy.stderr_tail()}")
+            left = deadline - time.monotonic()
+            try:
+                status = _get_status(_HOST, self._port(), min(per_request, max(left, 0.1)))
+                if status == 200:
+                    return
+                last = f"HTTP {status}"
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise TrialFailed("not-ready", f"no 200 through {self.load_url} within "
+                                  f"{timeout_s:.0f}s (last: {last})")
+            time.sleep(0.05)
+
+    @property
+    def load_url(self) -> str:
+        """``http://127.0.0.1:<listener port>`` (stable across applies unless the port was taken)."""
+        return f"http://{_HOST}:{self._port()}"
+
+    def _port(self) -> int:
+        if self._listener_port is None:
+            raise TargetError("the local target has no listener yet (call start first)")
+        return self._listener_port
+
+    # -- measurement -------------------------------------------------------------------------
+
+    def begin_window(self) -> None:
+        """Take the CPU sample the window starts from."""
+        self._window_start = self._sample()
+
+    def end_window(self) -> ProxyUsage:
+        """The proxy's CPU use since ``begin_window`` (cores = Δusage / Δtime) and its throttling."""
+        if self._window_start is None:
+            raise TargetError("end_window called without begin_window")
+        s0, s1 = self._window_start, self._sample()
+        self._window_start = None
+        dt = s1.time_monotonic - s0.time_monotonic
+        return ProxyUsage(
+            cpu_cores=(s1.usage_s - s0.usage_s) / dt if dt > 0 else 0.0,
+            window_s=dt,
+            periods=s1.periods - s0.periods,
+            throttled_periods=s1.throttled_periods - s0.throttled_periods,
+            throttled_s=s1.throttled_s - s0.throttled_s,
+        )
+
+    def _sample(self) -> CpuSample:
+        if self._cgroup is not None:
+            return self._cgroup.sample()
+        if self._envoy is None or self._envoy.pid is None:
+            raise TargetError("no proxy is running to measure")
+        now = time.monotonic()
+        t = psutil.Process(self._envoy.pid).cpu_times()
+        return CpuSample(now, t.user + t.system, 0, 0, 0.0)
+
+    def observed_config(self) -> dict[str, Any]:
+        """What the running Envoy reports: worker count, circuit-breaker thresholds, CPU quota."""
+        if self._envoy is None:
+            return {}
+        observed: dict[str, Any] = {
+            "concurrency": int(self._envoy.server_info()["command_line_options"]["concurrency"]),
+            "circuit_breakers": self._envoy.circuit_breakers(cluster_name(self.service)),
+        }
+        if self._cgroup is not None:
+            observed["cpu_quota_cores"] = self._cgroup.quota_cores()
+        return observed
+
+    # -- access for tests and diagnostics ----------------------------------------------------
+
+    @property
+    def envoy(self) -> EnvoyProcess | None:
+        """The running Envoy (admin helpers), if any."""
+        return self._envoy
+
+    @property
+    def cgroup(self) -> CpuCgroup | None:
+        """The proxy's cgroup, if cgroups are supported here."""
+        return self._cgroup
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Run the baseline (Istio defaults) again; no-op before start, after close, or when the
+        baseline already runs."""
+        if not self._started or self._closed:
+            return
+        envoy = self._envoy
+        if (self._applied == self.baseline and envoy is not None and envoy.proc is not None
+                and envoy.proc.poll() is None):
+            return
+        self.apply(self.baseline)
+        self.wait_ready(self.spec.ready_timeout)
+
+    def close(self) -> None:
+        """Stop Envoy and the upstreams by PID, remove the cgroup and temp files. Idempotent;
+        safe after a partial start."""
+        if self._closed:
+            return
+        self._closed = True
+        self._started = False
+        steps = [self._stop_envoy, *(u.stop for u in self._upstreams), self._remove_cgroup,
+                 self._remove_tmp]
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                logger.exception("local target cleanup step failed")
+        atexit.unregister(self.close)
+
+    def _stop_envoy(self) -> None:
+        envoy, self._envoy = self._envoy, None
+        if envoy is not None:
+            envoy.stop()
+
+    def _remove_cgroup(self) -> None:
+        if self._cgroup is not None:
+            self._cgroup.remove()
+
+    def _remove_tmp(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _require_started(self) -> None:
+        if not self._started or self._closed:
+            raise TargetError("the local target is not running (call start first)")
+
+
+def _get_status(host: str, port: int, timeout_s: float) -> int:
+    """Status of one ``GET /`` on a fresh connection."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()

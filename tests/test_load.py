@@ -1,0 +1,294 @@
+"""The load runner against a real Locust and a real HTTP server on 127.0.0.1.
+
+Decision recorded here: an unreachable target is *not* a TrialFailed — every request is recorded
+as a failure (status ``"error"``), so the result has error rate 1.0 and the study's
+``maxErrorRate`` constraint marks the trial infeasible.
+"""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from autotune.errors import TrialFailed
+from autotune.load import LoadResult, _runner, run_load
+from autotune.spec import LoadSpec
+
+BUILTIN = Path(_runner.__file__).parent / "locustfile.py"
+SERVICE_S = 0.020
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else Nagle + delayed ACK add ~40 ms to every response
+
+    def do_GET(self) -> None:
+        server: _Server = self.server  # type: ignore[assignment]
+        with server.lock:
+            server.hits += 1
+            n = server.hits
+        time.sleep(SERVICE_S)
+        status = 503 if self.path.startswith("/flaky") and n % 4 == 0 else 200
+        body = b"ok" if status == 200 else b"no healthy upstream"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.hits = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture()
+def server() -> Iterator[_Server]:
+    srv = _Server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def _run(url: str, load: LoadSpec, locustfile: Path = BUILTIN, **kw: Any) -> LoadResult:
+    kw.setdefault("on_window_start", lambda: None)
+    kw.setdefault("on_window_end", lambda: None)
+    return run_load(url, load, locustfile, **kw)
+
+
+def _locust_children() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "locust" in " ".join(p.cmdline()):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return out
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "http://127.3.4.5/", "https://localhost:1/x", "http://[::1]:80"]
+)
+def test_check_loopback_accepts_loopback(url: str) -> None:
+    _runner.check_loopback(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://10.0.0.1:80", "http://example.com", "http://0.0.0.0:80", "ftp://127.0.0.1",
+            "127.0.0.1:80", "http://127.0.0.1.evil.com/"]
+)
+def test_check_loopback_refuses_everything_else(url: str) -> None:
+    with pytest.raises(ValueError):
+        _runner.check_loopback(url)
+
+
+def test_summarise_filters_to_window_and_counts_non_2xx_as_failures() -> None:
+    recs = _runner._Records(
+        ends=np.array([0.5, 1.0, 1.5, 2.0, 2.5, 3.5]),
+        latencies_ms=np.array([99.0, 10.0, 20.0, 30.0, 5.0, 99.0]),
+        statuses=np.array([200, 200, 503, 200, 0, 200], dtype=np.int32),
+        # the 503 is *not* flagged: the runner must still count it as a failure
+        failed=np.array([0, 0, 0, 0, 1, 0], dtype=bool),
+        truncated=False,
+    )
+    r = _runner._summarise(recs, 1.0, 3.0, offered_rps=2.0)
+    assert (r.requests, r.failures, r.window_s) == (4, 2, 2.0)
+    assert r.achieved_rps == 2.0
+    assert r.status_counts == {"200": 2, "503": 1, "error": 1}
+    assert r.latency_p50_ms == 20.0  # of the successes 10 and 30 only
+    assert r.error_rate == 0.5
+
+
+def test_summarise_without_successes_gives_nan_percentiles() -> None:
+    recs = _runner._Records(
+        ends=np.array([1.0, 2.0]), latencies_ms=np.array([1.0, 1.0]),
+        statuses=np.array([0, 503], dtype=np.int32), failed=np.array([1, 1], dtype=bool),
+        truncated=False,
+    )
+    r = _runner._summarise(recs, 0.0, 3.0, offered_rps=1.0)
+    assert r.error_rate == 1.0
+    assert all(math.isnan(v) for v in (r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms))
+
+
+# --- real Locust ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_paced_load_measures_the_window_only(
+    server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured: list[_runner._Records] = []
+    real = _runner._summarise
+
+    def spy(records: _runner._Records, *a: Any, **kw: Any) -> LoadResult:
+        captured.append(records)
+        return real(records, *a, **kw)
+
+    monkeypatch.setattr(_runner, "_summarise", spy)
+    load = LoadSpec(users=5, rate_per_user=20, warmup=1, duration=3, path="/ok")
+    events: list[tuple[str, float]] = []
+    progress: list[tuple[str, float, float]] = []
+    t0 = time.monotonic()
+    r = _run(
+        server.url, load,
+        on_window_start=lambda: events.append(("start", time.monotonic())),
+        on_window_end=lambda: events.append(("end", time.monotonic())),
+        progress=lambda phase, f: progress.append((phase, f, time.monotonic())),
+    )
+
+    # (a) the offered load is achieved and latencies are real, ordered and fine-grained
+    assert r.offered_rps == 100.0
+    assert r.achieved_rps == pytest.approx(100.0, rel=0.15)
+    assert r.failures == 0 and r.status_counts == {"200": r.requests}
+    assert r.latency_p50_ms >= SERVICE_S * 1000
+    assert r.latency_p99_ms >= r.latency_p95_ms >= r.latency_p50_ms
+    lat = captured[0].latencies_ms
+    assert np.any(lat != np.round(lat)), "latencies must keep sub-millisecond resolution"
+
+    # (b) warm-up requests are excluded: ≈ rate × window, while the server saw more
+    assert r.requests == pytest.approx(100 * 3, rel=0.15)
+    assert server.hits - r.requests >= 0.5 * 100 * 1.0
+    assert r.window_s == pytest.approx(3.0, abs=0.15)
+
+    # (d) each callback once, in order, warm-up after the load started and duration apart
+    assert [e for e, _ in events] == ["start", "end"]
+    started, ended = events[0][1], events[1][1]
+    assert 1.0 <= started - t0 <= 1.0 + 5.0  # warm-up plus Locust's start-up
+    assert ended - started == pytest.approx(3.0, abs=0.15)
+
+    # progress: both phases, fractions 0..1 rising, reported at least once a second
+    phases = [p for p, _, _ in progress]
+    assert phases.index("measure") > phases.index("warmup")
+    assert all(0.0 <= f <= 1.0 for _, f, _ in progress)
+    measure = [f for p, f, _ in progress if p == "measure"]
+    assert measure == sorted(measure) and measure[-1] == 1.0
+    times = [t for _, _, t in progress]
+    assert max(b - a for a, b in itertools.pairwise(times)) <= 1.0
+    assert not _locust_children()
+
+
+@pytest.mark.slow
+def test_503s_count_as_failures(server: _Server) -> None:
+    load = LoadSpec(users=2, rate_per_user=20, warmup=0.5, duration=2, path="/flaky")
+    r = _run(server.url, load)
+    assert r.status_counts.get("503", 0) > 0
+    assert r.failures == r.status_counts["503"]
+    assert r.requests == r.status_counts["503"] + r.status_counts["200"]
+    assert r.error_rate == pytest.approx(0.25, abs=0.08)
+    assert r.latency_p50_ms >= SERVICE_S * 1000
+
+
+@pytest.mark.slow
+def test_keyboard_interrupt_leaves_no_locust_behind(server: _Server) -> None:
+    seen: dict[str, Any] = {}
+
+    def interrupt() -> None:
+        kids = _locust_children()
+        seen["pids"] = [p.pid for p in kids]
+        seen["workdir"] = Path(kids[0].environ()["AUTOTUNE_MARKER"]).parent
+        raise KeyboardInterrupt
+
+    load = LoadSpec(users=2, rate_per_user=10, warmup=0.5, duration=5, path="/ok")
+    with pytest.raises(KeyboardInterrupt):
+        _run(server.url, load, on_window_start=interrupt)
+    assert seen["pids"]
+    for pid in seen["pids"]:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not _locust_children()
+    assert not seen["workdir"].exists()
+
+
+@pytest.mark.slow
+def test_unreachable_target_gives_error_rate_one() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    load = LoadSpec(users=2, rate_per_user=10, warmup=0.5, duration=1.5)
+    r = _run(f"http://127.0.0.1:{port}", load)
+    assert r.requests > 0
+    assert r.error_rate == 1.0
+    assert set(r.status_counts) == {"error"}
+    assert math.isnan(r.latency_p50_ms)
+
+
+@pytest.mark.slow
+def test_custom_locustfile_importing_the_recorder(server: _Server, tmp_path: Path) -> None:
+    custom = tmp_path / "my_locustfile.py"
+    custom.write_text(
+        "import autotune.load.locustfile  # noqa: F401\n"
+        "from locust import FastHttpUser, constant_throughput, task\n"
+        "class Mine(FastHttpUser):\n"
+        "    wait_time = constant_throughput(20)\n"
+        "    @task\n"
+        "    def t(self):\n"
+        "        self.client.get('/custom')\n"
+    )
+    load = LoadSpec(users=1, rate_per_user=20, warmup=0.5, duration=1.5)
+    r = _run(server.url, load, custom)
+    # Only the custom user ran (a star import would have added PacedUser's load too).
+    assert r.achieved_rps == pytest.approx(20, rel=0.25)
+    assert r.failures == 0
+
+
+@pytest.mark.slow
+def test_locustfile_that_does_not_record_fails_the_trial(
+    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_runner, "START_TIMEOUT_S", 3.0)
+    custom = tmp_path / "plain.py"
+    custom.write_text(
+        "from locust import FastHttpUser, constant, task\n"
+        "class Plain(FastHttpUser):\n"
+        "    wait_time = constant(1)\n"
+        "    @task\n"
+        "    def t(self):\n"
+        "        self.client.get('/')\n"
+    )
+    with pytest.raises(TrialFailed, match=r"import autotune\.load\.locustfile") as info:
+        _run(server.url, LoadSpec(users=1, warmup=0, duration=1), custom)
+    assert info.value.reason == "load"
+    assert not _locust_children()
+
+
+@pytest.mark.slow
+def test_broken_locustfile_fails_with_stderr_tail(server: _Server, tmp_path: Path) -> None:
+    custom = tmp_path / "broken.py"
+    custom.write_text("raise RuntimeError('boom in locustfile')\n")
+    with pytest.raises(TrialFailed, match="boom in locustfile") as info:
+        _run(server.url, LoadSpec(users=1, warmup=0, duration=1), custom)
+    assert info.value.reason == "load"
+
+
+def test_missing_locustfile_fails(tmp_path: Path) -> None:
+    with pytest.raises(TrialFailed):
+        _run("http://127.0.0.1:1", LoadSpec(), tmp_path / "nope.py")
