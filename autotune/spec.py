@@ -314,13 +314,21 @@ def parse_spec(data: Any, source: str = "<memory>") -> StudySpec:
     """Validate an already-loaded document; raise ``SpecError`` listing every problem."""
     if not isinstance(data, dict):
         raise SpecError(source, ["(top level): a study spec is a mapping with at least 'study' and 'parameters'"])
+    problems: list[str] = []
+    spec: StudySpec | None = None
     try:
         spec = StudySpec.model_validate({**data, "source": source})
     except ValidationError as exc:
-        problems = [f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise SpecError(source, problems) from None
-    problems = [p for name, r in spec.parameters.items() for p in _check_param(name, r)]
-    if problems:
+        problems += [f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
+    raw_params = data.get("parameters")
+    if isinstance(raw_params, dict):
+        for name, raw in raw_params.items():
+            try:
+                r = ParamRange.model_validate(raw)
+            except ValidationError:
+                continue  # already reported by the model above
+            problems += _check_param(str(name), r)
+    if problems or spec is None:
         raise SpecError(source, problems)
     return spec
 

@@ -1,0 +1,42 @@
+"""Shared fixtures. Every test must leave no process and no cgroup behind: checked after each one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+#: Command-line fragments of every process autotune starts.
+_OURS = ("envoy", "locust", "autotune.targets.local.upstream")
+
+
+def _our_children() -> list[str]:
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if any(tag in cmd for tag in _OURS):
+            out.append(f"{proc.pid}: {cmd[:120]}")
+    return out
+
+
+def _autotune_cgroups() -> list[str]:
+    try:
+        from autotune.targets.local.cgroup import list_autotune_cgroups
+    except ImportError:  # pragma: no cover - the local target is part of the package
+        return []
+    return [str(p) for p in list_autotune_cgroups()]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Fails the test if it leaves a child process or an autotune cgroup behind."""
+    before = set(_autotune_cgroups())
+    yield
+    leftovers = _our_children()
+    cgroups = sorted(set(_autotune_cgroups()) - before)
+    assert not leftovers, f"processes left behind: {leftovers}"
+    assert not cgroups, f"cgroups left behind: {cgroups}"
