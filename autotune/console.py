@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -43,8 +44,8 @@ class RichObserver:
     """Live progress: trial i/N, the phase of the current trial (apply, ready, warm-up, measure)
     and one line per finished trial with the best feasible result so far."""
 
-    def __init__(self, objectives: list[str]) -> None:
-        self.objectives = objectives
+    def __init__(self, objectives: Sequence[str]) -> None:
+        self.objectives = list(objectives)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), console=console, transient=False,

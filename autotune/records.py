@@ -133,7 +133,7 @@ def export_study(study: optuna.Study, out_dir: Path) -> Exported:
 def _write_plot(study: optuna.Study, path: Path) -> None:
     """The Pareto front as an interactive plotly page (feasible and infeasible trials shown)."""
     metrics: list[str] = study.user_attrs.get("objectives", [])
-    if len(metrics) not in (2, 3) or baseline_trial(study) is None and not pareto_trials(study):
+    if len(metrics) not in (2, 3) or (baseline_trial(study) is None and not pareto_trials(study)):
         return
     fig = optuna.visualization.plot_pareto_front(
         study, target_names=metrics, constraints_func=_constraints_of

@@ -42,5 +42,5 @@ def redact(url: str) -> str:
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a malformed URL is printed as a placeholder
+    except Exception:
         return "<storage url>"

@@ -9,38 +9,17 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from _specs import small_spec
 
 from autotune.errors import TrialFailed
 from autotune.params import MeshConfig
 from autotune.progress import NullObserver
 from autotune.records import pareto_trials
-from autotune.spec import StudySpec, parse_spec
+from autotune.spec import StudySpec
 from autotune.study import INTERRUPTED, counted_trials, run_single, run_study
 from autotune.targets.local import LocalTarget
 
 pytestmark = pytest.mark.slow
-
-
-def small_spec(tmp_path: Path, **overrides: Any) -> StudySpec:
-    """A few-second-per-trial study stored under tmp_path."""
-    data: dict[str, Any] = {
-        "study": {"name": "t", "storage": f"sqlite:///{tmp_path}/s.db", "trials": 3, "seed": 1,
-                  "sampler": "random", "resultsDir": str(tmp_path / "out")},
-        "parameters": {
-            "connectionPool.tcp.maxConnections": {"low": 1, "high": 256, "log": True},
-            "proxy.concurrency": {"low": 1, "high": 2},
-            "proxy.cpuLimit": {"low": "100m", "high": "1", "log": True},
-        },
-        "load": {"users": 5, "ratePerUser": 20, "warmup": 1, "duration": 2},
-        "target": {"kind": "local", "upstream": {"endpoints": 2, "serviceTimeMs": 2}},
-    }
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return parse_spec(data, str(tmp_path / "spec.yaml"))
 
 
 def _study(spec: StudySpec) -> optuna.Study:

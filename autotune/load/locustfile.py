@@ -7,6 +7,7 @@ Environment variables (all set by the runner; the defaults make the file usable 
 
 ``AUTOTUNE_PATH``           path to GET on the ``--host`` (default ``/``)
 ``AUTOTUNE_RATE``           requests per second *per user* (default ``10``)
+``AUTOTUNE_USERS``          number of users (informational, for custom locustfiles)
 ``AUTOTUNE_MARKER``         file written (atomically, JSON ``{"start": <time.time()>, "pid": …}``)
                             when the test starts; the runner times warm-up and window from it
 ``AUTOTUNE_RESULTS``        file the raw records are written to when Locust quits (see below)

@@ -1,0 +1,96 @@
+"""The CLI as a user drives it: in-process through click's runner, and the dashboard as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from _specs import write_spec
+from click.testing import CliRunner
+
+from autotune.cli import main
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_bad_spec_is_an_error_message_not_a_traceback(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("study: {name: x}\nparameters:\n  proxy.concurrency: {low: 0, high: 2}\n")
+    code, out = _run("study", "start", str(spec))
+    assert code == 1
+    assert out.startswith("Error: invalid study spec") and 'parameters["proxy.concurrency"].low' in out
+    assert "Traceback" not in out
+
+
+def test_unknown_study_and_bad_set(tmp_path: Path) -> None:
+    code, out = _run("pareto", "nope", "--storage", f"sqlite:///{tmp_path}/x.db")
+    assert code == 1 and "no study named 'nope'" in out
+    code, out = _run("trial", "run", str(write_spec(tmp_path)), "--set", "proxy.cpuLimit=lots")
+    assert code == 1 and "--set 'proxy.cpuLimit=lots'" in out
+
+
+@pytest.mark.slow
+def test_study_start_then_list_pareto_and_export(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, **{"study.trials": 2})
+    storage = f"sqlite:///{tmp_path}/s.db"
+    code, out = _run("study", "start", str(spec), "--study-name", "cli", "--duration", "1.5")
+    assert code == 0, out
+    assert "Pareto front of cli" in out and "baseline" in out
+    code, out = _run("study", "list", "--storage", storage)
+    assert code == 0 and "cli" in out
+    code, out = _run("pareto", "cli", "--storage", storage, "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and rows and all(r["feasible"] for r in rows)
+    assert all(r["latency_p95_ms"] > 0 and r["cpu_cores"] > 0 for r in rows)
+    code, out = _run("pareto", "cli", "--storage", storage, "--format", "csv")
+    assert out.splitlines()[0].startswith("trial,state,baseline,feasible")
+    code, out = _run("export", "cli", "--storage", storage, "--out", str(tmp_path / "exp"))
+    assert code == 0
+    assert (tmp_path / "exp" / "trials.csv").read_text().count("\n") == 3  # header + 2 trials
+    assert list((tmp_path / "exp").glob("trial-*/destinationrule.yaml"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dashboard_serves_the_storage_without_the_url_in_argv(tmp_path: Path) -> None:
+    secret_url = f"sqlite:///{tmp_path}/dash.db"
+    optuna.create_study(study_name="seen-by-dashboard", storage=secret_url)
+    port = _free_port()
+    env = {**os.environ, "AUTOTUNE_STORAGE": secret_url}
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", "dashboard", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    names = [x["study_name"] for x in json.loads(r.read())["study_summaries"]]
+                    assert names == ["seen-by-dashboard"]
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "dashboard did not start"
+                time.sleep(0.3)
+        assert secret_url not in " ".join(proc.args)  # type: ignore[arg-type]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        if proc.stdout:
+            proc.stdout.close()
+    assert str(tmp_path) in out  # the storage it serves is named (without a password)
