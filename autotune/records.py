@@ -131,15 +131,10 @@ def export_study(study: optuna.Study, out_dir: Path) -> Exported:
 
 
 def _write_plot(study: optuna.Study, path: Path) -> None:
-    """The Pareto front as an interactive plotly page (feasible and infeasible trials shown)."""
+    """The Pareto front as an interactive plotly page (infeasible trials greyed out)."""
     metrics: list[str] = study.user_attrs.get("objectives", [])
     if len(metrics) not in (2, 3) or (baseline_trial(study) is None and not pareto_trials(study)):
         return
-    fig = optuna.visualization.plot_pareto_front(
-        study, target_names=metrics, constraints_func=_constraints_of
-    )
+    # Feasibility comes from the constraints each trial set (Trial.set_constraint).
+    fig = optuna.visualization.plot_pareto_front(study, target_names=metrics)
     fig.write_html(path, include_plotlyjs="cdn")
-
-
-def _constraints_of(trial: FrozenTrial) -> list[float]:
-    return [0.0] if trial.user_attrs.get("feasible") else [1.0]

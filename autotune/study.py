@@ -12,10 +12,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from autotune import mapping, records
 from autotune.errors import AutotuneError, TrialFailed
-from autotune.objectives import constraint_values, objective_values, violations
-from autotune.params import MeshConfig
+from autotune.objectives import CONSTRAINT_NAMES, constraint_values, objective_values, violations
+from autotune.params import PARAMETERS, MeshConfig
 from autotune.progress import NullObserver, Observer, TrialOutcome
-from autotune.samplers import constraints_from_attrs, make_sampler
+from autotune.samplers import make_sampler
 from autotune.spec import SearchParam, StudySpec
 from autotune.storage import make_storage
 from autotune.targets import Target, make_target
@@ -57,7 +57,7 @@ def counted_trials(study: optuna.Study) -> int:
 def open_study(spec: StudySpec, *, create: bool = True) -> optuna.Study:
     """Create or load the spec's study. A study of the same name with other objectives is refused."""
     storage = make_storage(spec.study.storage)
-    sampler = make_sampler(spec.study.sampler, spec.study.seed, constraints_from_attrs)
+    sampler = make_sampler(spec.study.sampler, spec.study.seed)
     metrics = [o.metric for o in spec.objectives]
     directions = [o.direction for o in spec.objectives]
     if not create:
@@ -128,7 +128,8 @@ class _Objective:
         for key, value in m.metrics.items():
             trial.set_user_attr(key, value if math.isfinite(value) else None)
         rules = self.spec.constraints
-        trial.set_user_attr("constraints", constraint_values(rules, m.metrics))
+        for name, value in zip(CONSTRAINT_NAMES, constraint_values(rules, m.metrics), strict=True):
+            trial.set_constraint(name, value)  # <= 0 is feasible; the samplers read these
         broken = violations(rules, m.metrics)
         trial.set_user_attr("feasible", not broken)
         trial.set_user_attr("violations", broken)
@@ -189,8 +190,8 @@ def run_single(spec: StudySpec, config: MeshConfig, observer: Observer | None = 
                target: Target | None = None) -> Measurement:
     """Measure one config once (``autotune trial run``); the target is closed afterwards."""
     tgt = target or make_target(spec)
-    space = [p for p in spec.search_space() if p.name in config.to_params()]
-    tgt.check_supported(space)
+    tgt.check_supported([SearchParam(name=n, info=PARAMETERS[n], low=v, high=v)
+                         for n, v in config.to_params().items()])
     with tgt:
         return measure_config(tgt, spec, config, observer)
 

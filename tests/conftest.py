@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import psutil
@@ -28,7 +29,8 @@ def _autotune_cgroups() -> list[str]:
         from autotune.targets.local.cgroup import list_autotune_cgroups
     except ImportError:  # pragma: no cover - the local target is part of the package
         return []
-    return [str(p) for p in list_autotune_cgroups()]
+    # Only this test process's cgroups (named autotune-<pid>-…): another run may be going on.
+    return [str(p) for p in list_autotune_cgroups() if f"autotune-{os.getpid()}-" in p.name]
 
 
 @pytest.fixture(autouse=True)

@@ -56,7 +56,7 @@ def target() -> Iterator[LocalTarget]:
 
 
 def _drive(url: str, seconds: float, clients: int = 8) -> float:
-    """Keep-alive GET / from ``clients`` threads for ``seconds``; returns 200 responses per second."""
+    """Keep-alive GET / from ``clients`` threads for ``seconds``; returns 200s per second."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     assert host == "127.0.0.1"
@@ -236,7 +236,8 @@ def test_upstream_keep_alive_bodies_and_close(tmp_path: Path) -> None:
         conn.close()
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                      b"3\r\nabc\r\n0\r\n\r\n"
+                      b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := s.recv(4096):
                 data += chunk

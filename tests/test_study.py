@@ -22,6 +22,11 @@ from autotune.targets.local import LocalTarget
 pytestmark = pytest.mark.slow
 
 
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
 def _study(spec: StudySpec) -> optuna.Study:
     return optuna.load_study(study_name=spec.study.name, storage=spec.study.storage)
 
@@ -41,9 +46,9 @@ def test_short_study_records_every_trial_and_writes_exports(tmp_path: Path) -> N
         assert ua["observed"]["concurrency"] == ua["envoy_concurrency"]
         assert "kind: DestinationRule" in ua["destinationrule.yaml"]
     out = tmp_path / "out" / "t"
-    rows = list(csv.DictReader((out / "trials.csv").open()))
+    rows = _csv(out / "trials.csv")
     assert [int(r["trial"]) for r in rows] == [0, 1, 2]
-    pareto = list(csv.DictReader((out / "pareto.csv").open()))
+    pareto = _csv(out / "pareto.csv")
     front = pareto_trials(study)
     assert [int(r["trial"]) for r in pareto] == [t.number for t in front] and front
     for t in front:
@@ -100,19 +105,22 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 
 class _NeverReadyOnce(LocalTarget):
-    """A proxy that never becomes ready for one trial (like a sidecar stuck in a crash loop)."""
+    """A proxy that never becomes ready for the first tuned config (like a sidecar stuck in a
+    crash loop); the baseline and later configs behave normally."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.applies = 0
+        self.applied = MeshConfig()
+        self.failed = False
         self.restores = 0
 
     def apply(self, config: MeshConfig) -> None:
-        self.applies += 1
+        self.applied = config
         super().apply(config)
 
     def wait_ready(self, timeout_s: float) -> None:
-        if self.applies == 2:
+        if self.applied != MeshConfig() and not self.failed:
+            self.failed = True
             raise TrialFailed("not-ready", "proxy did not become ready within 0s (simulated)")
         super().wait_ready(timeout_s)
 
@@ -131,7 +139,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
     assert failed.user_attrs["fail_reason"] == "not-ready"
     assert "simulated" in failed.user_attrs["fail_message"]
     assert target.restores >= 1  # back to the baseline after the failure
-    rows = list(csv.DictReader((tmp_path / "out" / "t" / "trials.csv").open()))
+    rows = _csv(tmp_path / "out" / "t" / "trials.csv")
     assert rows[1]["state"] == "FAIL" and "not-ready" in rows[1]["fail_reason"]
 
 

@@ -111,7 +111,7 @@ class LocalTarget(Target):
                     self._cgroup.name if self._cgroup else "none")
 
     def check_supported(self, space: list[SearchParam]) -> None:
-        """``proxy.cpuLimit`` needs a writable CPU cgroup; raise ``UnsupportedParameter`` otherwise."""
+        """``proxy.cpuLimit`` needs a writable CPU cgroup, else ``UnsupportedParameter``."""
         if not any(p.name == "proxy.cpuLimit" for p in space):
             return
         support = self._support or detect()
@@ -134,11 +134,15 @@ class LocalTarget(Target):
             raise UnsupportedParameter(f"cannot enforce cpuLimit without a CPU cgroup: {reason}")
         self._stop_envoy()
         self._applied = None
+        # Envoy starts unthrottled and gets its quota once it is live: start-up time is not what
+        # a trial measures, and under 20m it would take seconds (about 70 ms of CPU).
         if self._cgroup is not None:
-            self._cgroup.set_quota(config.effective_cpu_limit)
+            self._cgroup.set_quota(None)
         endpoints = [(_HOST, u.port) for u in self._upstreams if u.port is not None]
         cluster = envoy_cluster(config, self.service, endpoints)
         self._start_envoy(config.effective_concurrency, cluster)
+        if self._cgroup is not None:
+            self._cgroup.set_quota(config.effective_cpu_limit)
         self._applied = config
         logger.debug("applied %s", config.describe())
 
@@ -196,7 +200,7 @@ class LocalTarget(Target):
 
     @property
     def load_url(self) -> str:
-        """``http://127.0.0.1:<listener port>`` (stable across applies unless the port was taken)."""
+        """``http://127.0.0.1:<listener port>``; stable across applies unless the port was taken."""
         return f"http://{_HOST}:{self._port()}"
 
     def _port(self) -> int:
@@ -211,7 +215,7 @@ class LocalTarget(Target):
         self._window_start = self._sample()
 
     def end_window(self) -> ProxyUsage:
-        """The proxy's CPU use since ``begin_window`` (cores = Δusage / Δtime) and its throttling."""
+        """The proxy's CPU use since ``begin_window`` (cores = Δusage / Δtime), throttling."""
         if self._window_start is None:
             raise TargetError("end_window called without begin_window")
         s0, s1 = self._window_start, self._sample()
@@ -289,9 +293,16 @@ class LocalTarget(Target):
         atexit.unregister(self.close)
 
     def _stop_envoy(self) -> None:
+        """Stop the running Envoy; its quota is lifted first so a throttled proxy exits promptly."""
         envoy, self._envoy = self._envoy, None
-        if envoy is not None:
-            envoy.stop()
+        if envoy is None:
+            return
+        if self._cgroup is not None:
+            try:
+                self._cgroup.set_quota(None)
+            except TargetError as exc:
+                logger.warning("cannot lift the CPU quota before stopping envoy: %s", exc)
+        envoy.stop()
 
     def _remove_cgroup(self) -> None:
         if self._cgroup is not None:

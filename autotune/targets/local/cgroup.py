@@ -63,7 +63,7 @@ class CgroupSupport:
 
     @property
     def cpuacct_parent(self) -> Path:
-        """Where CPU usage is read for v1 (``cpuacct``); the cpu parent when mounted together or v2."""
+        """Where v1 usage is read (``cpuacct``); the cpu parent if mounted together or on v2."""
         return self.parents[-1]
 
 
@@ -166,8 +166,8 @@ def detect() -> CgroupSupport:
     else:
         parent, why = _v2_parent(mounts)
         if parent is None:
-            return CgroupSupport(False, reason=f"no cgroup v1 cpu+cpuacct controllers and no usable "
-                                                f"cgroup v2 cpu controller ({why})")
+            return CgroupSupport(False, reason="no cgroup v1 cpu+cpuacct controllers and no "
+                                 f"usable cgroup v2 cpu controller ({why})")
         support = CgroupSupport(True, 2, (parent,))
     try:
         probe = CpuCgroup.create(NAME_PREFIX, support)
@@ -199,7 +199,7 @@ def list_autotune_cgroups(pid: int | None = None) -> list[Path]:
     v2 = [m for m in mounts if m.fstype == "cgroup2"]
     for m in v2:
         dirs.add(_own_dir(m, _own_cgroups().get("")))
-    found = []
+    found: list[Path] = []
     for d in sorted(dirs):
         try:
             found.extend(p for p in d.iterdir() if p.is_dir() and p.name.startswith(prefix))

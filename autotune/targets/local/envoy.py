@@ -25,7 +25,8 @@ from autotune.targets.local.upstream import _terminate
 
 logger = logging.getLogger(__name__)
 
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+        "HttpConnectionManager")
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 #: Tag extraction of Istio's bootstrap (tools/packaging/common/envoy_bootstrap.json).
 ISTIO_STATS_TAGS = [
@@ -71,7 +72,8 @@ def render_bootstrap(cluster: dict[str, Any], listener_port: int = 0) -> dict[st
         "static_resources": {
             "listeners": [{
                 "name": "outbound_listener",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                "address": {"socket_address": {"address": "127.0.0.1",
+                                               "port_value": listener_port}},
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm,
                 }]}],
@@ -104,8 +106,8 @@ class EnvoyProcess:
     def start(self, bootstrap: dict[str, Any], cgroup: CpuCgroup | None, timeout_s: float) -> None:
         """Start Envoy and wait until it serves.
 
-        Raises ``TrialFailed('proxy-start', <its last stderr lines>)`` if Envoy exits (e.g. it rejects
-        the config) and ``TrialFailed('not-ready', …)`` if it is not LIVE within ``timeout_s``;
+        Raises ``TrialFailed('proxy-start', <its last error lines>)`` if Envoy exits (e.g. it
+        rejects the config) and ``TrialFailed('not-ready', …)`` if it is not LIVE within ``timeout_s``;
         the process is stopped in both cases (and on any other error or KeyboardInterrupt).
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,8 @@ class EnvoyProcess:
         all_lines = text.splitlines()
         errors = [ln for ln in all_lines if "][critical][" in ln or "][error][" in ln]
         chosen = (errors or all_lines)[-lines:]
-        return "\n".join(ln if len(ln) <= width else ln[:width] + " …" for ln in chosen) or "(empty log)"
+        cut = [ln if len(ln) <= width else ln[:width] + " …" for ln in chosen]
+        return "\n".join(cut) or "(empty log)"
 
     def admin_get(self, path: str, timeout_s: float = 5.0) -> str:
         """GET an admin endpoint (e.g. ``/server_info``) and return the body."""

@@ -3,7 +3,8 @@
 Each endpoint answers any request with ``200`` and a fixed body after sleeping the service time on
 the event loop (no CPU burned), so the upstreams do not compete with the proxy for CPU.
 
-Run one: ``python -m autotune.targets.local.upstream --port 0 --service-time-ms 5 --response-bytes 128``.
+Run one:
+``python -m autotune.targets.local.upstream --port 0 --service-time-ms 5 --response-bytes 128``
 It prints ``PORT <n>`` on stdout once it listens, exits on SIGTERM/SIGINT, and with
 ``--exit-on-stdin-eof`` also when its stdin closes (so it never outlives its parent).
 ``UpstreamProcess`` starts and stops one from Python.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import select
@@ -121,7 +123,8 @@ def _parse_request(buf: bytearray) -> tuple[int, bool, bool] | None:
             raise _BadRequest
         headers[name.strip().lower()] = value.strip()
     connection = headers.get(b"connection", b"").lower()
-    keep_alive = b"keep-alive" in connection if parts[2] == b"HTTP/1.0" else b"close" not in connection
+    http10 = parts[2] == b"HTTP/1.0"
+    keep_alive = b"keep-alive" in connection if http10 else b"close" not in connection
     pos = end + 4
     if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
         body_end = _chunked_end(buf, pos)
@@ -140,7 +143,7 @@ def _parse_request(buf: bytearray) -> tuple[int, bool, bool] | None:
 
 
 def _chunked_end(buf: bytearray, pos: int) -> int | None:
-    """Offset just past a chunked body starting at ``pos`` (with trailers), ``None`` if incomplete."""
+    """Offset just past a chunked body starting at ``pos`` (trailers included), else ``None``."""
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:
@@ -278,10 +281,8 @@ class UpstreamProcess:
             _terminate(proc, timeout_s)
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
-                    try:
+                    with contextlib.suppress(OSError):
                         stream.close()
-                    except OSError:
-                        pass
         if self._log is not None:
             self._log.close()
             self._log = None
