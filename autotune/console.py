@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,6 +29,8 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
                         force=True)
+    # Optuna flags features we rely on (heartbeats, constraints) as experimental; users need not see it.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -78,22 +82,33 @@ class RichObserver:
             self.progress.update(self.phase_task, completed=max(0.0, min(1.0, fraction)),
                                  info=name)
 
-    def trial_finished(self, outcome: TrialOutcome, best: list[dict[str, Any]]) -> None:
+    def trial_finished(self, outcome: TrialOutcome, front: list[TrialOutcome]) -> None:
+        tag = "baseline" if outcome.baseline else outcome.config.describe()
+        if outcome.state == "FAIL":
+            self.progress.console.print(f"[red]✗ trial {outcome.number}[/] {escape(tag)}: "
+                                        f"{escape(outcome.reason)}")
+        else:
+            m = outcome.metrics
+            parts = [f"{METRIC_LABELS.get(k, k)} {_fmt(m.get(k))}" for k in self.objectives]
+            parts.append(f"{_fmt(m.get('achieved_rps'), 0)} rps, errors {m.get('error_rate', 0):.1%}")
+            mark = "[green]✓[/]" if outcome.feasible else "[yellow]infeasible[/]"
+            extra = f" ({'; '.join(outcome.violations)})" if outcome.violations else ""
+            self.progress.console.print(f"{mark} trial {outcome.number} {escape(tag)}: "
+                                        f"{', '.join(parts)}{escape(extra)}")
         if self.study_task is not None:
             self.progress.advance(self.study_task)
             task = self.progress.tasks[self.study_task]
-            self.progress.update(self.study_task,
-                                 info=f"{int(task.completed)}/{int(task.total or 0)} trials")
-        tag = "baseline" if outcome.baseline else outcome.config.describe()
-        if outcome.state == "FAIL":
-            self.progress.console.print(f"[red]✗ trial {outcome.number}[/] {tag}: {outcome.reason}")
-            return
-        m = outcome.metrics
-        parts = [f"{METRIC_LABELS.get(k, k)} {_fmt(m.get(k))}" for k in self.objectives]
-        parts.append(f"{_fmt(m.get('achieved_rps'), 0)} rps, errors {m.get('error_rate', 0):.1%}")
-        mark = "[green]✓[/]" if outcome.feasible else "[yellow]infeasible[/]"
-        extra = f" ({'; '.join(outcome.violations)})" if outcome.violations else ""
-        self.progress.console.print(f"{mark} trial {outcome.number} {tag}: {', '.join(parts)}{extra}")
+            self.progress.update(self.study_task, info=f"{int(task.completed)}/{int(task.total or 0)} trials · "
+                                 f"{self._front_text(front)}")
+
+    def _front_text(self, front: list[TrialOutcome]) -> str:
+        """The current best: the feasible Pareto configs, e.g. ``front: #0 6.98/0.09, #4 7.10/0.05``."""
+        if not front:
+            return "no feasible config yet"
+        cells = [f"#{t.number} " + "/".join(_fmt(t.metrics.get(k)) for k in self.objectives) for t in front[:4]]
+        more = f" +{len(front) - 4}" if len(front) > 4 else ""
+        units = "/".join(METRIC_LABELS.get(k, k) for k in self.objectives)
+        return f"front ({units}): {', '.join(cells)}{more}"
 
 
 def pareto_table(frame: pd.DataFrame, objectives: list[str], title: str) -> Table:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from autotune.params import MeshConfig
 
@@ -30,7 +30,8 @@ class Observer(Protocol):
     def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
                       baseline: bool) -> None: ...
     def phase(self, name: str, fraction: float) -> None: ...
-    def trial_finished(self, outcome: TrialOutcome, best: list[dict[str, Any]]) -> None: ...
+    def trial_finished(self, outcome: TrialOutcome, front: list[TrialOutcome]) -> None:
+        """``front``: the feasible Pareto configs so far, sorted by the first objective."""
 
 
 class NullObserver:
@@ -46,5 +47,5 @@ class NullObserver:
     def phase(self, name: str, fraction: float) -> None:
         pass
 
-    def trial_finished(self, outcome: TrialOutcome, best: list[dict[str, Any]]) -> None:
+    def trial_finished(self, outcome: TrialOutcome, front: list[TrialOutcome]) -> None:
         pass

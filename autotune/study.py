@@ -102,18 +102,12 @@ class _Objective:
             except ValueError as exc:
                 raise TrialFailed("no-success", str(exc)) from None
         except TrialFailed as exc:
-            self._fail(trial, config, baseline, exc.reason, str(exc))
+            self._fail(trial, config, exc.reason, str(exc))
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", INTERRUPTED)
             raise
         self._record(trial, measured)
-        outcome = TrialOutcome(
-            number=trial.number, config=config, baseline=baseline, state="COMPLETE",
-            metrics=measured.metrics, feasible=bool(trial.user_attrs["feasible"]),
-            violations=list(trial.user_attrs["violations"]), timings=measured.timings,
-        )
-        self.observer.trial_finished(outcome, [])
         return values
 
     def _record_config(self, trial: Trial, config: MeshConfig) -> None:
@@ -137,8 +131,7 @@ class _Objective:
         trial.set_user_attr("observed", m.observed)
         trial.set_user_attr("timings", {k: round(v, 3) for k, v in m.timings.items()})
 
-    def _fail(self, trial: Trial, config: MeshConfig, baseline: bool, reason: str,
-              message: str) -> None:
+    def _fail(self, trial: Trial, config: MeshConfig, reason: str, message: str) -> None:
         trial.set_user_attr("fail_reason", reason)
         trial.set_user_attr("fail_message", message[-2000:])
         log.warning("trial %d failed with %s: %s", trial.number, config.describe(), message)
@@ -146,9 +139,18 @@ class _Objective:
             self.target.restore()
         except AutotuneError as exc:
             log.error("could not restore the baseline after trial %d: %s", trial.number, exc)
-        self.observer.trial_finished(
-            TrialOutcome(number=trial.number, config=config, baseline=baseline, state="FAIL",
-                         reason=message), [])
+
+
+def outcome_of(trial: FrozenTrial) -> TrialOutcome:
+    """A recorded trial as the observer sees it."""
+    ua = trial.user_attrs
+    metrics = {k: float(v) for k, v in ua.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return TrialOutcome(
+        number=trial.number, config=config_of(trial), baseline=bool(ua.get("baseline")),
+        state=trial.state.name, metrics=metrics, feasible=bool(ua.get("feasible")),
+        reason=str(ua.get("fail_message", "")), violations=list(ua.get("violations") or []),
+        timings=dict(ua.get("timings") or {}),
+    )
 
 
 def run_study(spec: StudySpec, observer: Observer | None = None,
@@ -171,13 +173,15 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
         if not _has_baseline(study):
             study.enqueue_trial({}, user_attrs={"baseline": True})
 
-        def stop_when_done(st: optuna.Study, _t: FrozenTrial) -> None:
+        def after_trial(st: optuna.Study, t: FrozenTrial) -> None:
+            if t.user_attrs.get("fail_reason") != INTERRUPTED:
+                obs.trial_finished(outcome_of(t), [outcome_of(p) for p in records.pareto_trials(st)])
             if counted_trials(st) >= total:
                 st.stop()
 
         try:
             tgt.start()
-            study.optimize(_Objective(spec, tgt, obs, total), callbacks=[stop_when_done],
+            study.optimize(_Objective(spec, tgt, obs, total), callbacks=[after_trial],
                            catch=(TrialFailed,))
         finally:
             tgt.close()

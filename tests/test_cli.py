@@ -94,3 +94,32 @@ def test_dashboard_serves_the_storage_without_the_url_in_argv(tmp_path: Path) ->
         if proc.stdout:
             proc.stdout.close()
     assert str(tmp_path) in out  # the storage it serves is named (without a password)
+
+
+@pytest.mark.slow
+def test_ctrl_c_restores_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """A real SIGINT to `autotune study start` during a load window: exit 130, nothing left
+    running (the leak check), the study resumable by running the same command again."""
+    import signal
+
+    spec = write_spec(tmp_path, **{"study.trials": 2, "load.duration": 4})
+    cmd = [sys.executable, "-m", "autotune", "study", "start", str(spec)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    assert proc.stdout is not None
+    lines = []
+    for raw in proc.stdout:  # wait until the baseline is done and trial 1 is under load
+        lines.append(raw.decode())
+        if "trial 0 baseline" in lines[-1]:
+            break
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out = "".join(lines) + proc.stdout.read().decode()
+    proc.stdout.close()
+    assert proc.wait(30) == 130, out
+    assert "Interrupted" in out and "run the same command again" in out
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path}/s.db")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]
+    code, out = _run("study", "start", str(spec))
+    assert code == 0, out
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path}/s.db")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL", "COMPLETE"]
