@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import click
 import optuna
+import pandas as pd
 
 from autotune import records
 from autotune.console import RichObserver, console, metrics_table, pareto_table, setup_logging
@@ -126,6 +127,10 @@ def _print_pareto(st: optuna.Study) -> None:
         console.print("[yellow]No feasible trial yet:[/] every measured config broke a constraint "
                       "or failed. See trials.csv for the reasons.")
         return
+    base = records.baseline_trial(st)
+    if base is not None and base.number not in set(frame["trial"]):
+        # The baseline is dominated: show it below the front for reference.
+        frame = pd.concat([frame, pd.DataFrame([records.trial_row(base)])], ignore_index=True)
     console.print(pareto_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))
 
 

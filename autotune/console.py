@@ -56,7 +56,7 @@ class RichObserver:
         )
         self.study_task: TaskID | None = None
         self.phase_task: TaskID | None = None
-        self.best: dict[str, float] = {}
+        self.label = ""
 
     def __enter__(self) -> RichObserver:
         self.progress.start()
@@ -72,15 +72,16 @@ class RichObserver:
 
     def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
                       baseline: bool) -> None:
-        label = "baseline (Istio defaults)" if baseline else config.describe()
+        self.label = "baseline (Istio defaults)" if baseline else config.describe()
         if self.phase_task is not None:
-            self.progress.update(self.phase_task, description=f"trial {index}/{total}",
-                                 completed=0, info=label)
+            self.progress.reset(self.phase_task, total=1.0, completed=0, description=f"trial {index}/{total}",
+                                info=escape(self.label))
 
     def phase(self, name: str, fraction: float) -> None:
+        """The bar shows the load's warm-up and measurement window; apply/ready show as text."""
         if self.phase_task is not None:
             self.progress.update(self.phase_task, completed=max(0.0, min(1.0, fraction)),
-                                 info=name)
+                                 info=f"{name} · {escape(self.label)}")
 
     def trial_finished(self, outcome: TrialOutcome, front: list[TrialOutcome]) -> None:
         tag = "baseline" if outcome.baseline else outcome.config.describe()
@@ -115,14 +116,14 @@ def pareto_table(frame: pd.DataFrame, objectives: list[str], title: str) -> Tabl
     """The Pareto configs with their objectives and the change against the baseline."""
     table = Table(title=title, show_lines=False)
     table.add_column("trial", justify="right")
-    table.add_column("config")
+    table.add_column("config", overflow="fold", min_width=24)
     for metric in objectives:
         table.add_column(METRIC_LABELS.get(metric, metric), justify="right")
         table.add_column("vs base", justify="right")
     table.add_column("rps", justify="right")
     table.add_column("errors", justify="right")
     for _, row in frame.iterrows():
-        cells = [str(row["trial"]), "baseline" if row["baseline"] else str(row["config"])]
+        cells = [str(row["trial"]), "baseline (Istio defaults)" if row["baseline"] else str(row["config"])]
         for metric in objectives:
             cells.append(_fmt(row.get(metric)))
             pct = row.get(f"{metric}_vs_baseline_pct")

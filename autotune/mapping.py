@@ -85,7 +85,7 @@ def sidecar_annotations(config: MeshConfig, sidecar: SidecarResources) -> dict[s
         ANN_MEMORY_LIMIT: sidecar.memory_limit,
     }
     if config.concurrency is not None:
-        annotations[ANN_PROXY_CONFIG] = f"concurrency: {config.concurrency}\n"
+        annotations[ANN_PROXY_CONFIG] = f"concurrency: {config.concurrency}"
     return annotations
 
 
