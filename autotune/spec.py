@@ -191,6 +191,41 @@ class LocalTargetSpec(_Model):
     ready_timeout: Seconds = 30.0
 
 
+class PrometheusSpec(_Model):
+    """Where sidecar CPU (cAdvisor) and, optionally, server-side latency are read.
+    The bearer token comes from a file or an environment variable, never from the spec itself."""
+
+    url: str = Field(pattern=r"^https?://")
+    token_file: str | None = None
+    token_env: str | None = None
+    server_latency: bool = False
+    #: Prometheus' scrape interval; the measurement window must span at least 4 of them.
+    scrape_interval: Seconds = 15.0
+    timeout: Seconds = 30.0
+
+
+class KubernetesTargetSpec(_Model):
+    """Istio on a staging cluster. The namespace must be labelled ``autotune.io/staging: "true"``."""
+
+    kind: Literal["kubernetes"]
+    context: str | None = None
+    in_cluster: bool = False
+    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    deployment: str
+    destination_rule: str
+    host: str
+    #: The URL the load is sent to (the only address load goes to).
+    service_url: str = Field(pattern=r"^https?://")
+    prometheus: PrometheusSpec
+    #: Time for a DestinationRule-only change to reach the sidecars (xDS push).
+    settle: Seconds = 10.0
+    rollout_timeout: Seconds = 600.0
+    request_timeout: Seconds = 30.0
+
+
+TargetSpec = Annotated[LocalTargetSpec | KubernetesTargetSpec, Field(discriminator="kind")]
+
+
 class Timing(_Model):
     """How long each phase of a trial may take before the trial is failed."""
 
@@ -213,7 +248,7 @@ class StudySpec(_Model):
     constraints: Constraints = Constraints()
     load: LoadSpec = LoadSpec()
     timing: Timing = Timing()
-    target: LocalTargetSpec = LocalTargetSpec()
+    target: TargetSpec = LocalTargetSpec()
     #: Set by the loader: the file this spec came from (for relative paths and messages).
     source: str = Field(default="<memory>", exclude=True)
 

@@ -82,6 +82,19 @@ def _has_baseline(study: optuna.Study) -> bool:
                for t in study.get_trials(deepcopy=False))
 
 
+class StudyState:
+    """The study's user attributes as a target's durable state (keys prefixed ``target.``)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+
+    def get(self, key: str) -> Any:
+        return self.study.user_attrs.get(f"target.{key}")
+
+    def set(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(f"target.{key}", value)
+
+
 class _Objective:
     """The Optuna objective: one trial on the target, everything recorded on the trial."""
 
@@ -179,6 +192,7 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
             if counted_trials(st) >= total:
                 st.stop()
 
+        tgt.bind_state(StudyState(study))
         try:
             tgt.start()
             study.optimize(_Objective(spec, tgt, obs, total), callbacks=[after_trial],

@@ -84,12 +84,12 @@ def test_good_spec_parses_cpu_quantities(tmp_path: Path) -> None:
         (GOOD + "objectives: [latency_p42_ms]\n", "objectives[0].metric: Input should be"),
         (GOOD + "study2: {}\n", "study2: Extra inputs are not permitted"),
         (GOOD.replace("name: t", "name: 'bad name/'"), "study.name: String should match pattern"),
-        (GOOD + "target: {kind: kubernetes}\n", "target.kind: Input should be 'local'"),
+        (GOOD + "target: {kind: kubernetes}\n", "target.kubernetes.namespace: Field required"),
         (GOOD + "sidecar: {memoryLimit: lots}\n", "sidecar.memoryLimit: Value error, a memory quantity"),
     ],
     ids=["unknown-param", "low>high", "zero", "negative", "above-int32", "cpu-unparsable",
          "cpu-precision", "log+step", "float-for-int", "users-0", "duration", "rate-twice",
-         "unknown-metric", "unknown-section", "study-name", "k8s-not-yet", "memory"],
+         "unknown-metric", "unknown-section", "study-name", "k8s-fields", "memory"],
 )
 def test_bad_spec_names_field_and_rule(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in _error(tmp_path, text)

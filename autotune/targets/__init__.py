@@ -10,6 +10,12 @@ __all__ = ["ProxyUsage", "Target", "make_target"]
 
 def make_target(spec: StudySpec) -> Target:
     """The target the spec names, not yet started."""
-    from autotune.targets.local import LocalTarget
+    from autotune.spec import LocalTargetSpec
 
-    return LocalTarget(spec.target, spec.service)
+    if isinstance(spec.target, LocalTargetSpec):
+        from autotune.targets.local import LocalTarget
+
+        return LocalTarget(spec.target, spec.service)
+    from autotune.targets.kubernetes import KubernetesTarget  # type: ignore[import-not-found]
+
+    return KubernetesTarget(spec.target, spec.service, spec.sidecar)  # type: ignore[no-any-return]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from autotune.params import MeshConfig
 from autotune.spec import SearchParam
@@ -32,6 +32,14 @@ class ProxyUsage:
         return self.throttled_periods / self.periods if self.periods else 0.0
 
 
+class StateStore(Protocol):
+    """Durable key/value state kept with the study (Optuna study user attributes), so that what a
+    target must restore survives a crash and is found by the next start. Values are JSON."""
+
+    def get(self, key: str) -> Any: ...
+    def set(self, key: str, value: Any) -> None: ...
+
+
 class Target(ABC):
     """A place where mesh settings are applied and measured.
 
@@ -48,6 +56,11 @@ class Target(ABC):
     """
 
     name: str = "target"
+
+    def bind_state(self, store: StateStore) -> None:  # noqa: B027 - optional hook
+        """Called before ``start`` with the study's durable state; a target whose baseline lives
+        outside this process (a cluster) keeps its snapshot there and restores it on start if a
+        previous run crashed before restoring."""
 
     @abstractmethod
     def start(self) -> None:
