@@ -71,10 +71,10 @@ class RichObserver:
         self.phase_task = self.progress.add_task("trial", total=1.0, info="")
 
     def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
-                      baseline: bool) -> None:
+                      baseline: bool, stage: str = "trial") -> None:
         self.label = "baseline (Istio defaults)" if baseline else config.describe()
         if self.phase_task is not None:
-            self.progress.reset(self.phase_task, total=1.0, completed=0, description=f"trial {index}/{total}",
+            self.progress.reset(self.phase_task, total=1.0, completed=0, description=f"{stage} {index}/{total}",
                                 info=escape(self.label))
 
     def phase(self, name: str, fraction: float) -> None:
@@ -122,6 +122,11 @@ def pareto_table(frame: pd.DataFrame, objectives: list[str], title: str) -> Tabl
         table.add_column("vs base", justify="right")
     table.add_column("rps", justify="right")
     table.add_column("errors", justify="right")
+    confirmed = "confirmed" in frame and frame["confirmed"].notna().any()
+    if confirmed:
+        first = objectives[0]
+        table.add_column("confirmed", justify="center")
+        table.add_column(f"{METRIC_LABELS.get(first, first)} Δ (CI)", justify="right")
     for _, row in frame.iterrows():
         cells = [str(row["trial"]), "baseline (Istio defaults)" if row["baseline"] else str(row["config"])]
         for metric in objectives:
@@ -131,6 +136,12 @@ def pareto_table(frame: pd.DataFrame, objectives: list[str], title: str) -> Tabl
         cells.append(_fmt(row.get("achieved_rps"), 0))
         err = row.get("error_rate")
         cells.append("-" if err is None or pd.isna(err) else f"{err:.1%}")
+        if confirmed:
+            ok = row.get("confirmed")
+            cells.append("-" if ok is None or pd.isna(ok) else ("[green]✓[/]" if ok else "[red]✗[/]"))
+            lo, hi = row.get(f"{first}_ci_low_pct"), row.get(f"{first}_ci_high_pct")
+            mean = row.get(f"{first}_confirmed_change_pct")
+            cells.append("-" if mean is None or pd.isna(mean) else f"{mean:+.1f}% [{lo:+.1f}, {hi:+.1f}]")
         table.add_row(*cells)
     return table
 

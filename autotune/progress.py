@@ -28,7 +28,8 @@ class Observer(Protocol):
 
     def study_started(self, name: str, done: int, total: int) -> None: ...
     def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
-                      baseline: bool) -> None: ...
+                      baseline: bool, stage: str = "trial") -> None:
+        """``stage`` is ``"trial"`` during the search and ``"confirm"`` during confirmation."""
     def phase(self, name: str, fraction: float) -> None: ...
     def trial_finished(self, outcome: TrialOutcome, front: list[TrialOutcome]) -> None:
         """``front``: the feasible Pareto configs so far, sorted by the first objective."""
@@ -41,7 +42,7 @@ class NullObserver:
         pass
 
     def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
-                      baseline: bool) -> None:
+                      baseline: bool, stage: str = "trial") -> None:
         pass
 
     def phase(self, name: str, fraction: float) -> None:

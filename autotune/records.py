@@ -46,6 +46,11 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
     row["envoy_concurrency"] = config.effective_concurrency
     for col in METRIC_COLUMNS:
         row[col] = ua.get(col)
+    spread = ua.get("spread_cv") or {}
+    row["latency_p95_cv"] = spread.get("latency_p95_ms")
+    row["cpu_cores_cv"] = spread.get("cpu_cores")
+    row["windows"] = ua.get("windows") and len(ua["windows"])
+    row["drift_pct"] = ua.get("drift_pct")
     timings = ua.get("timings") or {}
     row["trial_wall_s"] = timings.get("total_s")
     row["violations"] = "; ".join(ua.get("violations") or [])
@@ -64,7 +69,8 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     objective. Computed here rather than with ``study.best_trials`` so feasibility is ours for
     every sampler (Optuna's random sampler records no constraints)."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("feasible") and t.values is not None]
+              if t.user_attrs.get("feasible") and t.values is not None
+              and not t.user_attrs.get("drift_check")]  # re-measurements of the baseline
     if not trials:
         return []
     sign = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
@@ -78,26 +84,46 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(front, key=lambda t: (t.values[0], t.number))
 
 
-def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The latest completed Istio-default baseline trial, if any."""
+def baseline_trial(study: optuna.Study, *, first: bool = False, near: int | None = None) -> FrozenTrial | None:
+    """A completed Istio-default baseline measurement: the latest, the ``first``, or the one
+    nearest to trial number ``near`` (what a trial is compared with, so drift cancels out)."""
     base = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.user_attrs.get("baseline")]
-    return base[-1] if base else None
+    if not base:
+        return None
+    if first:
+        return base[0]
+    if near is not None:
+        return min(base, key=lambda t: (abs(t.number - near), t.number))
+    return base[-1]
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
-    """The feasible Pareto front with, per objective, the change against the baseline in %."""
+    """The feasible Pareto front with, per objective, the change against the nearest baseline
+    in %, and, once confirmation ran, whether each config is confirmed with the interval of
+    each objective's change (``<metric>_ci_low_pct`` … ``_ci_high_pct``)."""
     metrics: list[str] = study.user_attrs.get("objectives", [])
-    base = baseline_trial(study)
+    confirmation = study.user_attrs.get("confirmation") or {}
+    confirmed = confirmation.get("results", {})
     rows = []
     for t in pareto_trials(study):
         row = trial_row(t)
+        base = baseline_trial(study, near=t.number)
+        row["compared_with_baseline"] = base.number if base else None
         for metric in metrics:
             b = base.user_attrs.get(metric) if base else None
             v = t.user_attrs.get(metric)
             row[f"{metric}_vs_baseline_pct"] = (
                 round(100.0 * (v - b) / b, 1) if b and v is not None else None
             )
+        entry = confirmed.get(str(t.number))
+        row["confirmed"] = None if entry is None else bool(entry["confirmed"])
+        for metric in metrics:
+            change = (entry or {}).get("changes", {}).get(metric, {})
+            row[f"{metric}_confirmed_change_pct"] = change.get("mean_pct")
+            row[f"{metric}_ci_low_pct"] = change.get("low_pct")
+            row[f"{metric}_ci_high_pct"] = change.get("high_pct")
+        row["confirmation_note"] = (entry or {}).get("reason")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -208,6 +208,8 @@ class KubernetesTargetSpec(_Model):
     """Istio on a staging cluster. The namespace must be labelled ``autotune.io/staging: "true"``."""
 
     kind: Literal["kubernetes"]
+    #: kubeconfig file; default ``$KUBECONFIG`` or ``~/.kube/config``. Ignored with ``inCluster``.
+    kubeconfig: str | None = None
     context: str | None = None
     in_cluster: bool = False
     namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -234,6 +236,35 @@ class Timing(_Model):
     load_grace: Seconds = 30.0
 
 
+class MeasurementSpec(_Model):
+    """Noise control: how often each config is measured and how results are checked.
+
+    Each trial runs ``repeats`` back-to-back windows after one warm-up and keeps the median of
+    each metric; if the p95's coefficient of variation is above ``target_cv`` it runs more windows,
+    up to ``max_repeats``. Every ``drift_every`` trials the baseline is measured again; a change
+    of its p95 beyond ``drift_threshold`` is reported, and each trial is compared with the
+    nearest baseline. At the end, the Pareto configs and the baseline are re-measured interleaved
+    (``confirm_rounds`` rounds of A B1 B2 …) and a config is *confirmed* only if its gain over
+    the baseline holds at ``confidence``.
+    """
+
+    repeats: int = Field(default=3, ge=1, le=50)
+    max_repeats: int = Field(default=5, ge=1, le=100)
+    target_cv: float = Field(default=0.05, ge=0, le=1)
+    drift_every: int = Field(default=5, ge=0, le=1000)
+    drift_threshold: float = Field(default=0.10, gt=0, le=10)
+    confirm_rounds: int = Field(default=3, ge=0, le=20)
+    confirm_max_configs: int = Field(default=4, ge=1, le=50)
+    confidence: float = Field(default=0.90, gt=0.5, lt=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> MeasurementSpec:
+        if self.max_repeats < self.repeats:
+            raise ValueError(f"maxRepeats >= repeats must hold, got maxRepeats={self.max_repeats}, "
+                             f"repeats={self.repeats}")
+        return self
+
+
 class StudySpec(_Model):
     """A whole study spec file."""
 
@@ -248,6 +279,7 @@ class StudySpec(_Model):
     constraints: Constraints = Constraints()
     load: LoadSpec = LoadSpec()
     timing: Timing = Timing()
+    measurement: MeasurementSpec = MeasurementSpec()
     target: TargetSpec = LocalTargetSpec()
     #: Set by the loader: the file this spec came from (for relative paths and messages).
     source: str = Field(default="<memory>", exclude=True)

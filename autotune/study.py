@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from autotune import mapping, records
+from autotune.confirm import confirm_front
 from autotune.errors import AutotuneError, TrialFailed
 from autotune.objectives import CONSTRAINT_NAMES, constraint_values, objective_values, violations
 from autotune.params import PARAMETERS, MeshConfig
@@ -23,6 +24,9 @@ from autotune.trial import Measurement, measure_config
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"
+#: Metrics whose per-window values and spread are recorded on each trial.
+SPREAD_KEYS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "achieved_rps",
+               "throughput_ratio", "error_rate")
 
 
 def suggest(trial: Trial, space: list[SearchParam]) -> MeshConfig:
@@ -44,10 +48,13 @@ def config_of(trial: FrozenTrial) -> MeshConfig:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that use up the budget: completed ones and real failures, not Ctrl-C'd or crashed ones."""
+    """Trials that use up the budget: completed ones and real failures, not Ctrl-C'd or crashed
+    ones, nor the baseline's drift re-measurements."""
     n = 0
     for t in study.get_trials(deepcopy=False):
         reason = t.user_attrs.get("fail_reason")
+        if t.user_attrs.get("drift_check"):
+            continue
         if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and reason
                                               and reason != INTERRUPTED):
             n += 1
@@ -74,6 +81,20 @@ def open_study(spec: StudySpec, *, create: bool = True) -> optuna.Study:
             "choose another name with --study-name"
         )
     return study
+
+
+def _drift_check_due(study: optuna.Study, every: int) -> bool:
+    """``every`` trials have finished since the latest baseline measurement (0 turns it off)."""
+    if every <= 0:
+        return False
+    since = 0
+    for t in reversed(study.get_trials(deepcopy=False)):
+        if t.user_attrs.get("baseline") and t.state in (TrialState.COMPLETE, TrialState.WAITING,
+                                                        TrialState.RUNNING):
+            return since >= every
+        if t.state in (TrialState.COMPLETE, TrialState.FAIL):
+            since += 1
+    return False
 
 
 def _has_baseline(study: optuna.Study) -> bool:
@@ -143,6 +164,22 @@ class _Objective:
         trial.set_user_attr("status_counts", m.status_counts)
         trial.set_user_attr("observed", m.observed)
         trial.set_user_attr("timings", {k: round(v, 3) for k, v in m.timings.items()})
+        trial.set_user_attr("spread_cv", {k: round(v, 4) for k, v in m.spread.items() if k in SPREAD_KEYS})
+        trial.set_user_attr("windows", [{k: round(w[k], 4) for k in SPREAD_KEYS} for w in m.windows])
+        if trial.user_attrs.get("drift_check"):
+            self._check_drift(trial, m.metrics)
+
+    def _check_drift(self, trial: Trial, metrics: dict[str, float]) -> None:
+        """Compare a baseline re-measurement with the first baseline; report drift past the threshold."""
+        first = records.baseline_trial(trial.study, first=True)
+        if first is None or not first.user_attrs.get("latency_p95_ms"):
+            return
+        before, now = float(first.user_attrs["latency_p95_ms"]), metrics["latency_p95_ms"]
+        drift = (now - before) / before
+        trial.set_user_attr("drift_pct", round(100 * drift, 2))
+        if abs(drift) > self.spec.measurement.drift_threshold:
+            log.warning("baseline drift: p95 %.2f ms now vs %.2f ms at trial %d (%+.0f%%); later trials "
+                        "are compared with this nearer baseline", now, before, first.number, 100 * drift)
 
     def _fail(self, trial: Trial, config: MeshConfig, reason: str, message: str) -> None:
         trial.set_user_attr("fail_reason", reason)
@@ -191,12 +228,16 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
                 obs.trial_finished(outcome_of(t), [outcome_of(p) for p in records.pareto_trials(st)])
             if counted_trials(st) >= total:
                 st.stop()
+            elif _drift_check_due(st, spec.measurement.drift_every):
+                st.enqueue_trial({}, user_attrs={"baseline": True, "drift_check": True})
 
         tgt.bind_state(StudyState(study))
         try:
             tgt.start()
             study.optimize(_Objective(spec, tgt, obs, total), callbacks=[after_trial],
                            catch=(TrialFailed,))
+            if counted_trials(study) >= total:
+                confirm_front(study, spec, tgt, obs)
         finally:
             tgt.close()
     if export:

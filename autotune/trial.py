@@ -1,4 +1,4 @@
-"""One measurement of one config: apply, wait until ready, load, measure."""
+"""One measurement of one config: apply, wait until ready, load over repeated windows, aggregate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune.load import LoadResult, run_load
+from autotune.load import LoadResult, run_load_windows
+from autotune.noise import aggregate
 from autotune.params import MeshConfig
 from autotune.progress import NullObserver, Observer
 from autotune.spec import StudySpec
@@ -18,10 +19,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Measurement:
-    """Everything one trial measured. ``metrics`` holds flat numbers (objectives and constraints
-    read from it); ``timings`` the wall time of each phase in seconds."""
+    """Everything one trial measured. ``metrics`` holds the aggregated numbers (objectives and
+    constraints read from it), ``spread`` each metric's coefficient of variation over the
+    windows, ``windows`` the per-window figures, ``timings`` the wall time of each phase."""
 
     metrics: dict[str, float]
+    spread: dict[str, float] = field(default_factory=dict)
+    windows: list[dict[str, float]] = field(default_factory=list)
     status_counts: dict[str, int] = field(default_factory=dict)
     observed: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -47,14 +51,37 @@ def combine(load: LoadResult, usage: ProxyUsage, config: MeshConfig) -> dict[str
     }
 
 
+def _load_run(target: Target, spec: StudySpec, config: MeshConfig, windows: int,
+              obs: Observer) -> tuple[list[dict[str, float]], dict[str, int]]:
+    """One Locust run: a warm-up, then ``windows`` back-to-back windows, each with the proxy's CPU."""
+    usage: list[ProxyUsage] = []
+    results = run_load_windows(
+        target.load_url, spec.load, spec.locustfile_path(), windows=windows,
+        on_window_start=lambda _i: target.begin_window(),
+        on_window_end=lambda _i: usage.append(target.end_window()),
+        progress=obs.phase,
+        timeout_s=spec.load.warmup + windows * spec.load.duration + spec.timing.load_grace,
+    )
+    counts: dict[str, int] = {}
+    for r in results:
+        for code, n in r.status_counts.items():
+            counts[code] = counts.get(code, 0) + n
+    return [combine(r, u, config) for r, u in zip(results, usage, strict=True)], counts
+
+
 def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
-                   observer: Observer | None = None) -> Measurement:
+                   observer: Observer | None = None, *, repeats: int | None = None) -> Measurement:
     """Apply ``config`` to a started target and measure it under the spec's load.
 
-    Raises ``TrialFailed`` when the config cannot be applied, never becomes ready, or the load
-    fails. Does not restore the target: the caller decides (the study restores after failures).
+    Runs ``spec.measurement.repeats`` windows (or ``repeats``); while the p95's coefficient of
+    variation is above ``target_cv`` it adds windows up to ``max_repeats``. Raises ``TrialFailed``
+    when the config cannot be applied, never becomes ready, or the load fails. Does not restore
+    the target: the caller decides (the study restores after failures).
     """
     obs = observer or NullObserver()
+    rules = spec.measurement
+    first = repeats if repeats is not None else rules.repeats
+    most = repeats if repeats is not None else rules.max_repeats
     t0 = time.monotonic()
     obs.phase("apply", 0.0)
     target.apply(config)
@@ -65,16 +92,22 @@ def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
         time.sleep(spec.timing.settle)
     observed = target.observed_config()
     t2 = time.monotonic()
-    usage: list[ProxyUsage] = []
-    load = run_load(
-        target.load_url, spec.load, spec.locustfile_path(),
-        on_window_start=target.begin_window,
-        on_window_end=lambda: usage.append(target.end_window()),
-        progress=obs.phase,
-        timeout_s=spec.load.warmup + spec.load.duration + spec.timing.load_grace,
-    )
+    windows, counts = _load_run(target, spec, config, first, obs)
+    runs = 1
+    metrics, spread = aggregate(windows)
+    while spread.get("latency_p95_ms", 0.0) > rules.target_cv and len(windows) < most:
+        extra = min(most - len(windows), first)
+        log.info("p95 varies by %.0f%% over %d windows; measuring %d more",
+                 100 * spread["latency_p95_ms"], len(windows), extra)
+        more, more_counts = _load_run(target, spec, config, extra, obs)
+        windows += more
+        for code, n in more_counts.items():
+            counts[code] = counts.get(code, 0) + n
+        runs += 1
+        metrics, spread = aggregate(windows)
     t3 = time.monotonic()
+    metrics["windows"] = float(len(windows))
     timings = {"apply_s": t1 - t0, "ready_s": t2 - t1, "load_s": t3 - t2, "total_s": t3 - t0,
-               "window_s": spec.load.warmup + spec.load.duration}
-    return Measurement(metrics=combine(load, usage[0], config), status_counts=load.status_counts,
+               "window_s": runs * spec.load.warmup + len(windows) * spec.load.duration}
+    return Measurement(metrics=metrics, spread=spread, windows=windows, status_counts=counts,
                        observed=observed, timings=timings)

@@ -21,6 +21,9 @@ def small_spec_data(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
             "proxy.cpuLimit": {"low": "100m", "high": "1", "log": True},
         },
         "load": {"users": 5, "ratePerUser": 20, "warmup": 1, "duration": 2},
+        # One window per trial, no drift checks, no confirmation: fast; test_noise_control.py
+        # turns them on.
+        "measurement": {"repeats": 1, "maxRepeats": 1, "driftEvery": 0, "confirmRounds": 0},
         "target": {"kind": "local", "upstream": {"endpoints": 2, "serviceTimeMs": 2}},
     }
     for dotted, value in overrides.items():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from _specs import write_spec
 from click.testing import CliRunner
 
+from _specs import write_spec
 from autotune.cli import main
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from _specs import small_spec
 
+from _specs import small_spec
 from autotune.errors import TrialFailed
 from autotune.params import MeshConfig
 from autotune.progress import NullObserver

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _specs import small_spec
 
+from _specs import small_spec
 from autotune.errors import TrialFailed
 from autotune.params import MeshConfig
 from autotune.targets import Target, make_target

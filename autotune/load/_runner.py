@@ -98,7 +98,31 @@ def run_load(
     progress: ProgressFn | None = None,
     timeout_s: float | None = None,
 ) -> LoadResult:
-    """Run ``load`` against ``url`` with ``locustfile`` and return figures over the window only.
+    """One warm-up and one measurement window; see :func:`run_load_windows`."""
+    (result,) = run_load_windows(
+        url, load, locustfile, windows=1,
+        on_window_start=lambda _i: on_window_start(), on_window_end=lambda _i: on_window_end(),
+        progress=progress, timeout_s=timeout_s,
+    )
+    return result
+
+
+def run_load_windows(
+    url: str,
+    load: LoadSpec,
+    locustfile: Path,
+    *,
+    windows: int,
+    on_window_start: Callable[[int], None],
+    on_window_end: Callable[[int], None],
+    progress: ProgressFn | None = None,
+    timeout_s: float | None = None,
+) -> list[LoadResult]:
+    """Run ``load`` against ``url`` with ``locustfile``: one warm-up, then ``windows`` back-to-back
+    measurement windows of ``load.duration`` each; return the figures of each window.
+
+    The callbacks get the window's index; with more than one window the progress phase is
+    ``"measure i/n"``.
 
     Calls ``on_window_start()`` once, ``load.warmup`` s after Locust's test start, and
     ``on_window_end()`` once, ``load.duration`` s after that; the window is the wall-clock span
@@ -118,7 +142,9 @@ def run_load(
     _host_of(url)
     if not locustfile.is_file():
         raise TrialFailed("load", f"locustfile not found: {locustfile}")
-    budget = timeout_s if timeout_s is not None else load.warmup + load.duration + 60.0
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    budget = timeout_s if timeout_s is not None else load.warmup + windows * load.duration + 60.0
     deadline = time.monotonic() + budget
 
     workdir = Path(tempfile.mkdtemp(prefix="autotune-load-"))
@@ -129,7 +155,7 @@ def run_load(
     try:
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                _command(url, load, locustfile),
+                _command(url, load, locustfile, windows),
                 cwd=workdir,
                 env=_environment(load, marker, results),
                 stdin=subprocess.DEVNULL,
@@ -145,16 +171,22 @@ def run_load(
 
         _sleep_until(t0 + load.warmup, t0, load.warmup, "warmup", proc, stderr_path,
                      deadline, progress)
-        window_start = time.time()
-        on_window_start()
-        _sleep_until(window_start + load.duration, window_start, load.duration, "measure",
-                     proc, stderr_path, deadline, progress)
-        window_end = time.time()
-        on_window_end()
+        spans: list[tuple[float, float]] = []
+        next_start = time.time()
+        for i in range(windows):
+            window_start = next_start
+            on_window_start(i)
+            phase = "measure" if windows == 1 else f"measure {i + 1}/{windows}"
+            _sleep_until(window_start + load.duration, window_start, load.duration, phase,
+                         proc, stderr_path, deadline, progress)
+            window_end = time.time()
+            on_window_end(i)
+            spans.append((window_start, window_end))
+            next_start = window_end
 
         _stop(proc, stderr_path, deadline)
         records = _read_records(results, stderr_path)
-        return _summarise(records, window_start, window_end, load.offered_rps)
+        return [_summarise(records, a, b, load.offered_rps) for a, b in spans]
     except BaseException:
         if proc is not None:
             _kill_group(proc)
@@ -165,8 +197,8 @@ def run_load(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _command(url: str, load: LoadSpec, locustfile: Path) -> list[str]:
-    run_time = math.ceil(load.warmup + load.duration + RUN_TIME_MARGIN_S)
+def _command(url: str, load: LoadSpec, locustfile: Path, windows: int = 1) -> list[str]:
+    run_time = math.ceil(load.warmup + windows * load.duration + RUN_TIME_MARGIN_S)
     return [
         sys.executable, "-m", "locust",
         "-f", str(locustfile.resolve()),

@@ -1,0 +1,118 @@
+"""Confirmation: re-measure the Pareto configs against the baseline, interleaved, with intervals.
+
+A study's Pareto front is built from single (noisy) measurements, so it promises more than it may
+hold. After the search, each Pareto config B and the baseline A are measured again in rounds
+(A B1 B2 … per round, the order of the Bs reversed every other round); round r's B is compared with
+round r's A, which cancels slow drift of the machine. A config is *confirmed* when it stayed
+feasible in every round and at least one objective improved with the whole confidence interval on
+the better side. The intervals of the other objectives are reported, so a trade-off is visible.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from autotune import records
+from autotune.errors import AutotuneError, TrialFailed
+from autotune.noise import paired_change
+from autotune.objectives import violations
+from autotune.params import MeshConfig
+from autotune.progress import NullObserver, Observer
+from autotune.spec import StudySpec
+from autotune.targets import Target
+from autotune.trial import measure_config
+
+log = logging.getLogger(__name__)
+ATTR = "confirmation"
+
+
+def candidates(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
+    """The Pareto configs to confirm (not the baseline itself), best first objective first."""
+    front = [t for t in records.pareto_trials(study) if not t.user_attrs.get("baseline")]
+    return front[: spec.measurement.confirm_max_configs]
+
+
+def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
+                  observer: Observer | None = None) -> dict[str, Any] | None:
+    """Run the confirmation rounds on a started target and store the result on the study
+    (user attribute ``confirmation``). Skipped, returning the stored result, when the same front
+    was already confirmed with as many rounds. Returns ``None`` when there is nothing to confirm."""
+    obs = observer or NullObserver()
+    rounds = spec.measurement.confirm_rounds
+    front = candidates(study, spec)
+    if rounds == 0 or not front:
+        return None
+    key = [t.number for t in front]
+    previous = study.user_attrs.get(ATTR)
+    if previous and previous.get("trials") == key and previous.get("rounds") == rounds:
+        return dict(previous)
+    metrics: list[str] = [o.metric for o in spec.objectives]
+    runs: dict[str, list[dict[str, float] | None]] = {label: [] for label in ["baseline", *map(str, key)]}
+    total = rounds * (len(front) + 1)
+    step = 0
+    for r in range(rounds):
+        order = front if r % 2 == 0 else list(reversed(front))
+        for label, config in [("baseline", MeshConfig())] + [(str(t.number), _config(t)) for t in order]:
+            step += 1
+            obs.trial_started(int(label) if label != "baseline" else -1, step, total, config,
+                              label == "baseline", stage="confirm")
+            runs[label].append(_measure(target, spec, config, obs))
+    result = _evaluate(spec, key, runs, metrics)
+    result.update(trials=key, rounds=rounds, confidence=spec.measurement.confidence)
+    study.set_user_attr(ATTR, result)
+    return result
+
+
+def _config(trial: FrozenTrial) -> MeshConfig:
+    return MeshConfig.from_params(trial.user_attrs.get("config", trial.params))
+
+
+def _measure(target: Target, spec: StudySpec, config: MeshConfig, obs: Observer) -> dict[str, float] | None:
+    """One window of one config; ``None`` (and the baseline restored) if it failed."""
+    try:
+        return measure_config(target, spec, config, obs, repeats=1).metrics
+    except TrialFailed as exc:
+        log.warning("confirmation run of %s failed: %s", config.describe(), exc)
+        try:
+            target.restore()
+        except AutotuneError as err:
+            log.error("could not restore the baseline: %s", err)
+        return None
+
+
+def _evaluate(spec: StudySpec, key: list[int], runs: dict[str, list[dict[str, float] | None]],
+              metrics: list[str]) -> dict[str, Any]:
+    directions: dict[str, str] = {o.metric: o.direction for o in spec.objectives}
+    base_runs = runs["baseline"]
+    out: dict[str, Any] = {"results": {}, "baseline": {
+        m: [r[m] if r else None for r in base_runs] for m in metrics}}
+    for number in key:
+        cand = runs[str(number)]
+        pairs = [(a, b) for a, b in zip(base_runs, cand, strict=True) if a is not None and b is not None]
+        infeasible = sum(1 for b in cand if b is None or violations(spec.constraints, b))
+        entry: dict[str, Any] = {"rounds": len(pairs), "infeasible_rounds": infeasible, "changes": {}}
+        improved = False
+        for m in metrics:
+            if len(pairs) < 2:
+                continue
+            change = paired_change([a[m] for a, _ in pairs], [b[m] for _, b in pairs],
+                                   spec.measurement.confidence)
+            entry["changes"][m] = {"mean_pct": round(change.mean_pct, 2),
+                                   "low_pct": round(change.low_pct, 2),
+                                   "high_pct": round(change.high_pct, 2)}
+            improved = improved or change.improves(directions[m])
+        entry["confirmed"] = bool(improved and infeasible == 0 and len(pairs) >= 2)
+        if infeasible:
+            entry["reason"] = f"infeasible or failed in {infeasible} of {len(cand)} rounds"
+        elif len(pairs) < 2:
+            entry["reason"] = "fewer than 2 paired rounds"
+        elif not improved:
+            entry["reason"] = "no objective improved beyond its confidence interval"
+        out["results"][str(number)] = entry
+        log.info("confirmation of trial %d: %s", number, "confirmed" if entry["confirmed"]
+                 else entry.get("reason", "not confirmed"))
+    return out

@@ -1,0 +1,84 @@
+"""Robust aggregation of repeated measurements and paired comparisons with a confidence interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+#: Metrics aggregated conservatively rather than by the median (see ``aggregate``).
+_SUMMED = ("requests", "failures", "window_s")
+
+
+def cv(values: Sequence[float]) -> float:
+    """Coefficient of variation (sample std / mean); 0 for fewer than two values or a zero mean."""
+    arr = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if arr.size < 2 or arr.mean() == 0:
+        return 0.0
+    return float(arr.std(ddof=1) / abs(arr.mean()))
+
+
+def aggregate(windows: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Combine per-window metrics into one value each, plus the spread (CV) of each.
+
+    Medians, except: ``requests``, ``failures`` and ``window_s`` are summed, ``error_rate`` is
+    failures over requests of all windows, and ``throughput_ratio`` is the worst window's, so a
+    config that fell short of the offered load once counts against the throughput constraint.
+    """
+    if not windows:
+        raise ValueError("no windows to aggregate")
+    keys = windows[0].keys()
+    out: dict[str, float] = {}
+    spread: dict[str, float] = {}
+    for key in keys:
+        values = [float(w[key]) for w in windows]
+        finite = [v for v in values if math.isfinite(v)]
+        if key in _SUMMED:
+            out[key] = float(sum(values))
+        elif key == "throughput_ratio":
+            out[key] = min(values)
+        else:
+            out[key] = float(np.median(finite)) if finite else math.nan
+        spread[key] = cv(values)
+    if "requests" in out and "failures" in out:
+        out["error_rate"] = out["failures"] / out["requests"] if out["requests"] else 1.0
+    return out, spread
+
+
+@dataclass(frozen=True)
+class Change:
+    """A candidate's change against the baseline over paired rounds, in percent of the baseline."""
+
+    mean_pct: float
+    low_pct: float
+    high_pct: float
+    rounds: int
+
+    def improves(self, direction: str) -> bool:
+        """The whole interval lies on the better side (below 0 when minimizing)."""
+        return self.high_pct < 0 if direction == "minimize" else self.low_pct > 0
+
+    def worsens(self, direction: str) -> bool:
+        """The whole interval lies on the worse side."""
+        return self.low_pct > 0 if direction == "minimize" else self.high_pct < 0
+
+
+def paired_change(baseline: Sequence[float], candidate: Sequence[float], confidence: float) -> Change:
+    """Relative change per round, (B_r − A_r) / A_r, with a Student-t interval over the rounds.
+
+    Pairing rounds cancels slow drift of the machine that affects both alike. With one round the
+    interval is unbounded; with zero variance (a deterministic metric such as the CPU limit) it is
+    the point itself.
+    """
+    if len(baseline) != len(candidate) or not baseline:
+        raise ValueError(f"need equal, non-zero rounds, got {len(baseline)} and {len(candidate)}")
+    d = np.array([(b - a) / a * 100.0 for a, b in zip(baseline, candidate, strict=True)], dtype=float)
+    mean = float(d.mean())
+    if d.size == 1:
+        return Change(mean, -math.inf, math.inf, 1)
+    sem = float(d.std(ddof=1) / math.sqrt(d.size))
+    half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1)) * sem
+    return Change(mean, mean - half, mean + half, int(d.size))
