@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,10 @@ def _spec_options(f: F) -> F:
     return f
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @study.command("start")
 @click.argument("spec_path", type=click.Path(dir_okay=False, path_type=Path))
 @_spec_options
@@ -84,7 +89,9 @@ def study_start(spec_path: Path, **opts: Any) -> None:
     console.print(f"study [bold]{spec.study.name}[/] · storage {redact(spec.study.storage)} · "
                   f"sampler {spec.study.sampler} · load {spec.load.users} users × "
                   f"{spec.load.per_user_rate:g} rps, {spec.load.warmup:g}s warm-up + "
-                  f"{spec.load.duration:g}s window")
+                  f"{spec.measurement.repeats}×{spec.load.duration:g}s windows")
+    # A CronJob's pod is stopped with SIGTERM: treat it like Ctrl-C, so the baseline is restored.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with RichObserver(objectives) as observer:
             st = run_study(spec, observer)
@@ -127,8 +134,8 @@ def _print_pareto(st: optuna.Study) -> None:
         console.print("[yellow]No feasible trial yet:[/] every measured config broke a constraint "
                       "or failed. See trials.csv for the reasons.")
         return
-    base = records.baseline_trial(st)
-    if base is not None and base.number not in set(frame["trial"]):
+    base = records.baseline_trial(st, first=True)
+    if base is not None and not frame["baseline"].any():
         # The baseline is dominated: show it below the front for reference.
         frame = pd.concat([frame, pd.DataFrame([records.trial_row(base)])], ignore_index=True)
     console.print(pareto_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))

@@ -97,7 +97,8 @@ class RichObserver:
             self.progress.console.print(f"{mark} trial {outcome.number} {escape(tag)}: "
                                         f"{', '.join(parts)}{escape(extra)}")
         if self.study_task is not None:
-            self.progress.advance(self.study_task)
+            if outcome.counts:
+                self.progress.advance(self.study_task)
             task = self.progress.tasks[self.study_task]
             self.progress.update(self.study_task, info=f"{int(task.completed)}/{int(task.total or 0)} trials · "
                                  f"{self._front_text(front)}")

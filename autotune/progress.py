@@ -21,6 +21,8 @@ class TrialOutcome:
     reason: str = ""
     violations: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: False for what does not use up the trial budget (a baseline drift re-measurement).
+    counts: bool = True
 
 
 class Observer(Protocol):

@@ -222,6 +222,8 @@ class KubernetesTargetSpec(_Model):
     #: Time for a DestinationRule-only change to reach the sidecars (xDS push).
     settle: Seconds = 10.0
     rollout_timeout: Seconds = 600.0
+    #: How often the Deployment is read while waiting for a rollout.
+    poll_interval: Annotated[float, BeforeValidator(_seconds), Field(gt=0)] = 2.0
     request_timeout: Seconds = 30.0
 
 

@@ -128,7 +128,11 @@ class _Objective:
         config = MeshConfig() if baseline else suggest(trial, self.space)
         self._record_config(trial, config)
         index = counted_trials(trial.study) + 1
-        self.observer.trial_started(trial.number, index, self.total, config, baseline)
+        if trial.user_attrs.get("drift_check"):
+            self.observer.trial_started(trial.number, index - 1, self.total, config, baseline,
+                                        stage="baseline drift check")
+        else:
+            self.observer.trial_started(trial.number, index, self.total, config, baseline)
         try:
             measured = measure_config(self.target, self.spec, config, self.observer)
             try:
@@ -199,7 +203,7 @@ def outcome_of(trial: FrozenTrial) -> TrialOutcome:
         number=trial.number, config=config_of(trial), baseline=bool(ua.get("baseline")),
         state=trial.state.name, metrics=metrics, feasible=bool(ua.get("feasible")),
         reason=str(ua.get("fail_message", "")), violations=list(ua.get("violations") or []),
-        timings=dict(ua.get("timings") or {}),
+        timings=dict(ua.get("timings") or {}), counts=not ua.get("drift_check"),
     )
 
 

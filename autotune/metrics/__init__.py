@@ -1,0 +1,7 @@
+"""Where trial metrics come from when the target cannot measure them itself (Prometheus)."""
+
+from __future__ import annotations
+
+from autotune.metrics.prometheus import PrometheusReader
+
+__all__ = ["PrometheusReader"]
