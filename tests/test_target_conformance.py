@@ -17,6 +17,7 @@ from _specs import small_spec
 from autotune.errors import TrialFailed
 from autotune.params import MeshConfig
 from autotune.targets import Target, make_target
+from fake_k8s import KubeEnv, kube_env
 
 TargetFactory = Callable[[Path], Target]
 
@@ -25,7 +26,33 @@ def _local(tmp_path: Path) -> Target:
     return make_target(small_spec(tmp_path))
 
 
-TARGETS: dict[str, TargetFactory] = {"local": _local}
+_KUBE: dict[str, KubeEnv | str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kubernetes_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A fake API server, the service's stand-in and a real Prometheus scraping the fake kubelet,
+    shared by the kubernetes cases (reset by each factory call)."""
+    try:
+        with kube_env(tmp_path_factory.mktemp("kube")) as env:
+            _KUBE["env"] = env
+            yield
+    except pytest.skip.Exception as exc:  # no prometheus binary: only the kubernetes cases skip
+        _KUBE["skip"] = str(exc)
+        yield
+    finally:
+        _KUBE.clear()
+
+
+def _kubernetes(tmp_path: Path) -> Target:
+    env = _KUBE.get("env")
+    if not isinstance(env, KubeEnv):
+        pytest.skip(str(_KUBE.get("skip", "no kubernetes test environment")))
+    env.seed()
+    return make_target(small_spec(tmp_path, target=env.target_data()))
+
+
+TARGETS: dict[str, TargetFactory] = {"local": _local, "kubernetes": _kubernetes}
 
 
 @pytest.fixture(params=sorted(TARGETS))

@@ -16,6 +16,6 @@ def make_target(spec: StudySpec) -> Target:
         from autotune.targets.local import LocalTarget
 
         return LocalTarget(spec.target, spec.service)
-    from autotune.targets.kubernetes import KubernetesTarget  # type: ignore[import-not-found]
+    from autotune.targets.kubernetes import KubernetesTarget
 
-    return KubernetesTarget(spec.target, spec.service, spec.sidecar)  # type: ignore[no-any-return]
+    return KubernetesTarget(spec.target, spec.service, spec.sidecar)

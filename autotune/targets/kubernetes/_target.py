@@ -1,0 +1,442 @@
+"""The Kubernetes target: Istio on a staging cluster, one namespace, one Deployment, one DestinationRule.
+
+A trial merge-patches the DestinationRule's tuned ``connectionPool`` fields (reaches the sidecars by
+xDS, no restart) and the Deployment's managed pod-template annotations (a rolling restart, only
+when they change), waits like ``kubectl rollout status``, and reads the sidecars' CPU use over the
+measurement window from Prometheus, scoped to the new ReplicaSet's ``pod-template-hash``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from autotune.errors import TargetError, TrialFailed
+from autotune.mapping import destination_rule
+from autotune.params import MeshConfig
+from autotune.spec import KubernetesTargetSpec, PrometheusSpec, ServiceRef, SidecarResources
+from autotune.targets._base import ProxyUsage, StateStore, Target
+from autotune.targets.kubernetes._client import DR_GROUP, DR_PLURAL, ApiCallFailed, KubeApi, make_api_client
+from autotune.targets.kubernetes._desired import (
+    annotation_patch,
+    desired_annotations,
+    desired_traffic_policy,
+    proxy_concurrency,
+)
+from autotune.targets.kubernetes._rollout import wait_for_rollout
+from autotune.targets.kubernetes._snapshot import (
+    STATE_KEY,
+    Snapshot,
+    managed_annotations,
+    merge_patch,
+    traffic_policy_of,
+)
+
+log = logging.getLogger(__name__)
+
+STAGING_LABEL = "autotune.io/staging"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "autotune"}
+
+
+class MetricsReader(Protocol):
+    """What the target needs from ``autotune.metrics.prometheus.PrometheusReader``."""
+
+    def check(self) -> None: ...
+    def sidecar_cpu_cores(self, namespace: str, deployment: str, pod_template_hash: str | None,
+                          start: float, end: float) -> float: ...
+    def throttled_ratio(self, namespace: str, deployment: str, pod_template_hash: str | None,
+                        start: float, end: float) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class PrometheusUsage(ProxyUsage):
+    """Usage read from Prometheus, where throttling comes as a ratio rather than period counts."""
+
+    measured_throttled_ratio: float | None = None
+
+    @property
+    def throttled_ratio(self) -> float:
+        return self.measured_throttled_ratio or 0.0
+
+
+def _default_reader(spec: PrometheusSpec) -> MetricsReader:
+    from autotune.metrics.prometheus import PrometheusReader
+
+    return PrometheusReader(spec)
+
+
+class KubernetesTarget(Target):
+    """Tunes one Deployment's client sidecars and one DestinationRule in a staging namespace.
+
+    Touches nothing outside ``spec.namespace``. The baseline (DR ``trafficPolicy``, managed
+    annotations) is snapshotted before the first trial and kept in the bound ``StateStore`` until
+    ``close`` has restored it, so a crashed run is repaired by the next ``start``. Not thread-safe.
+    ``api_client`` and ``metrics`` exist for tests; normally both come from the spec.
+    """
+
+    name = "kubernetes"
+
+    def __init__(self, spec: KubernetesTargetSpec, service: ServiceRef, sidecar: SidecarResources, *,
+                 api_client: Any = None, metrics: MetricsReader | None = None) -> None:
+        self.spec, self.service, self.sidecar = spec, service, sidecar
+        self._api_client, self._metrics = api_client, metrics
+        self._api: KubeApi | None = None
+        self._store: StateStore | None = None
+        self._snapshot: Snapshot | None = None
+        self._rollout_generation: int | None = None
+        self._dr_changed = False
+        self._pod_hash: str | None = None
+        self._window_start: float | None = None
+        self._started = False
+        self._closed = False
+
+    def bind_state(self, store: StateStore) -> None:
+        self._store = store
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Pre-flight (namespace labelled for staging, Deployment, DestinationRule API, RBAC,
+        Prometheus), then snapshot the baseline, or restore the one a crashed run left behind."""
+        if self._closed:
+            raise TargetError("this kubernetes target was closed; create a new one")
+        if self._started:
+            return
+        try:
+            api = self._connect()
+            deployment, dr = self._preflight(api)
+            if self._metrics is None:
+                self._metrics = _default_reader(self.spec.prometheus)
+            self._metrics.check()
+            self._take_snapshot(deployment, dr)
+        except ApiCallFailed as exc:
+            self._release()
+            raise TargetError(exc.describe()) from None
+        except TrialFailed as exc:
+            self._release()
+            raise TargetError(f"could not put back the baseline a previous run left: {exc}") from None
+        except BaseException:
+            self._release()
+            raise
+        self._started = True
+        log.info("kubernetes target ready: deployment %s/%s, destinationrule %s, load to %s",
+                 self.spec.namespace, self.spec.deployment, self.spec.destination_rule, self.load_url)
+
+    def _connect(self) -> KubeApi:
+        if self._api is None:
+            raw = self._api_client if self._api_client is not None else make_api_client(self.spec)
+            self._api = KubeApi(raw, self.spec.namespace, self.spec.request_timeout)
+        return self._api
+
+    def _preflight(self, api: KubeApi) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        ns = self.spec.namespace
+        try:
+            namespace = api.get_namespace()
+        except ApiCallFailed as exc:
+            if exc.status == 404:
+                raise TargetError(f"namespace {ns} does not exist in this cluster") from None
+            raise
+        labels = (namespace.get("metadata") or {}).get("labels") or {}
+        if labels.get(STAGING_LABEL) != "true":
+            raise TargetError(
+                f'namespace {ns} is not labelled {STAGING_LABEL}: "true"; autotune only changes '
+                f"namespaces marked as staging. If it is one, run: "
+                f"kubectl label namespace {ns} {STAGING_LABEL}=true")
+        try:
+            deployment = api.get_deployment(self.spec.deployment)
+        except ApiCallFailed as exc:
+            if exc.status == 404:
+                raise TargetError(f"deployment {self.spec.deployment} not found in namespace {ns}") from None
+            raise
+        dr = self._get_dr(api, start=True)
+        self._check_rbac(api, dr_exists=dr is not None)
+        return deployment, dr
+
+    def _get_dr(self, api: KubeApi, start: bool = False) -> dict[str, Any] | None:
+        try:
+            return api.get_destination_rule(self.spec.destination_rule)
+        except ApiCallFailed as exc:
+            if exc.is_status_not_found:
+                return None
+            if exc.status == 404:
+                msg = (f"the API server does not serve {DR_PLURAL}.{DR_GROUP}/v1 (404 for the API group): "
+                       "Istio's CRDs are not installed in this cluster, or predate Istio 1.22 (v1)")
+                raise (TargetError(msg) if start else TrialFailed("api", msg)) from None
+            raise
+
+    def _check_rbac(self, api: KubeApi, dr_exists: bool) -> None:
+        needed = [("get", "deployments", "apps"), ("patch", "deployments", "apps"), ("list", "pods", ""),
+                  ("get", DR_PLURAL, DR_GROUP), ("patch", DR_PLURAL, DR_GROUP)]
+        if not dr_exists:
+            needed += [("create", DR_PLURAL, DR_GROUP), ("delete", DR_PLURAL, DR_GROUP)]
+        missing = []
+        for verb, resource, group in needed:
+            allowed = api.can_i(verb, resource, group)
+            if allowed is None:
+                log.debug("SelfSubjectAccessReview unavailable; RBAC is checked by the calls themselves")
+                return
+            if not allowed:
+                missing.append(f"verb {verb!r} on {resource!r} (API group {group!r})")
+        if missing:
+            raise TargetError(f"RBAC in namespace {self.spec.namespace} does not allow: "
+                              + "; ".join(missing) + " (see cluster/ for the Role autotune needs)")
+
+    def _take_snapshot(self, deployment: dict[str, Any], dr: dict[str, Any] | None) -> None:
+        stored = self._store.get(STATE_KEY) if self._store is not None else None
+        if stored:
+            snap = Snapshot.from_json(stored)
+            here = (self.spec.namespace, self.spec.deployment, self.spec.destination_rule)
+            if (snap.namespace, snap.deployment, snap.destination_rule) != here:
+                raise TargetError(f"the study holds a baseline for {snap.namespace}/{snap.deployment} "
+                                  f"(destinationrule {snap.destination_rule}), not {'/'.join(here[:2])}; "
+                                  "use another study name")
+            log.warning("a previous run did not restore %s/%s; putting back the baseline it recorded",
+                        snap.namespace, snap.deployment)
+            self._snapshot = snap
+            self._restore_to(snap)
+            return
+        self._snapshot = Snapshot.read(self.spec.namespace, deployment, self.spec.destination_rule, dr)
+        if self._store is not None:
+            self._store.set(STATE_KEY, self._snapshot.to_json())
+
+    # -- a trial -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _trial_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except ApiCallFailed as exc:
+            reason = "rejected" if exc.status in (400, 422) else "api-timeout" if exc.status == 0 else "api"
+            raise TrialFailed(reason, exc.describe()) from None
+
+    def _retry_conflict(self, step: Any) -> None:
+        try:
+            step()
+        except ApiCallFailed as exc:
+            if exc.status != 409:
+                raise
+            log.info("conflict (%s); reading again and retrying once", exc.server_message)
+            step()
+
+    def apply(self, config: MeshConfig) -> None:
+        """Merge-patch the DestinationRule (create it if absent) and, only if they change, the
+        managed pod-template annotations. Raises ``TrialFailed('rejected', server message)`` when
+        the API server refuses the config, ``TrialFailed('api', …)`` on other API errors."""
+        api = self._require_started()
+        with self._trial_errors():
+            self._retry_conflict(lambda: self._apply_dr(api, config))
+            self._retry_conflict(lambda: self._apply_annotations(api, config))
+        log.debug("applied %s", config.describe())
+
+    def _apply_dr(self, api: KubeApi, config: MeshConfig) -> None:
+        dr = self._get_dr(api)
+        current = traffic_policy_of(dr)
+        desired = desired_traffic_policy(current, config)
+        if dr is None:
+            if desired is None:
+                return
+            body = destination_rule(config, self.service)
+            body["metadata"].update(name=self.spec.destination_rule, namespace=self.spec.namespace,
+                                    labels=dict(MANAGED_BY))
+            body["spec"]["host"] = self.spec.host
+            api.create_destination_rule(body)
+            self._dr_changed = True
+            return
+        patch = merge_patch(current, desired)
+        if patch != {}:
+            api.patch_destination_rule(self.spec.destination_rule, {"spec": {"trafficPolicy": patch}})
+            self._dr_changed = True
+
+    def _apply_annotations(self, api: KubeApi, config: MeshConfig) -> None:
+        assert self._snapshot is not None
+        dep = api.get_deployment(self.spec.deployment)
+        desired = desired_annotations(config, self.sidecar, self._snapshot.annotations)
+        patch = annotation_patch(managed_annotations(dep), desired)
+        if patch:
+            self._patch_annotations(api, patch)
+
+    def _patch_annotations(self, api: KubeApi, patch: dict[str, str | None]) -> None:
+        answer = api.patch_deployment(self.spec.deployment,
+                                      {"spec": {"template": {"metadata": {"annotations": patch}}}})
+        self._rollout_generation = int(answer["metadata"]["generation"])
+        self._pod_hash = None
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """After a pod-template change, wait for the rollout like ``kubectl rollout status`` (up to
+        ``spec.rolloutTimeout``, a rolling restart being slower than ``timeout_s``); after a
+        DestinationRule-only change, sleep ``spec.settle`` for the xDS push.
+
+        Raises ``TrialFailed('rollout-failed', condition message)`` at once on ``ReplicaFailure``
+        or ``ProgressDeadlineExceeded``, ``TrialFailed('not-ready', …)`` on timeout.
+        """
+        # Evidence would beat sleeping: each client sidecar's envoy_cluster_manager_cds_update_success
+        # rising after the patch shows the push arrived. Left for later.
+        api = self._require_started()
+        with self._trial_errors():
+            if self._rollout_generation is not None:
+                self._wait_rollout(api, self._rollout_generation)
+            elif self._dr_changed:
+                time.sleep(self.spec.settle)
+            self._dr_changed = False
+            if self._pod_hash is None:
+                self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
+
+    def _wait_rollout(self, api: KubeApi, generation: int) -> None:
+        wait_for_rollout(lambda: api.get_deployment(self.spec.deployment), generation,
+                         self.spec.rollout_timeout, self.spec.poll_interval)
+        self._rollout_generation = None
+        self._pod_hash = None
+
+    def _find_pod_hash(self, api: KubeApi, dep: dict[str, Any]) -> str | None:
+        """The ``pod-template-hash`` of the Deployment's non-terminating pods (the new ReplicaSet)."""
+        selector = _label_selector(((dep.get("spec") or {}).get("selector")) or {})
+        pods = [p for p in api.list_pods(selector) if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        hashes = Counter(((p.get("metadata") or {}).get("labels") or {}).get("pod-template-hash") for p in pods)
+        hashes.pop(None, None)
+        if not hashes:
+            log.warning("no running pod of deployment %s carries a pod-template-hash; CPU is read for "
+                        "all its pods", self.spec.deployment)
+            return None
+        if len(hashes) > 1:
+            log.warning("pods of several ReplicaSets are running (%s); scoping CPU to the largest",
+                        dict(hashes))
+        return hashes.most_common(1)[0][0]
+
+    @property
+    def load_url(self) -> str:
+        """``spec.serviceUrl``: the only address load is sent to."""
+        return self.spec.service_url.rstrip("/")
+
+    # -- measurement ---------------------------------------------------------------------------
+
+    def begin_window(self) -> None:
+        self._window_start = time.time()
+
+    def end_window(self) -> ProxyUsage:
+        """The sidecars' CPU over exactly [begin, end] from Prometheus (cAdvisor), evaluated at end."""
+        if self._window_start is None:
+            raise TargetError("end_window called without begin_window")
+        if self._metrics is None:
+            raise TargetError("the kubernetes target is not started")
+        start, end = self._window_start, time.time()
+        self._window_start = None
+        args = (self.spec.namespace, self.spec.deployment, self._pod_hash, start, end)
+        cpu = self._metrics.sidecar_cpu_cores(*args)
+        throttled = self._metrics.throttled_ratio(*args)
+        return PrometheusUsage(cpu_cores=cpu, window_s=end - start, measured_throttled_ratio=throttled)
+
+    def observed_config(self) -> dict[str, Any]:
+        """The managed annotations and DR ``trafficPolicy`` as read back from the API server
+        (``concurrency`` is the annotation's value, not read from the running Envoy)."""
+        api = self._require_started()
+        with self._trial_errors():
+            annotations = managed_annotations(api.get_deployment(self.spec.deployment))
+            policy = traffic_policy_of(self._get_dr(api))
+        observed: dict[str, Any] = {
+            "annotations": {k: v for k, v in annotations.items() if v is not None},
+            "traffic_policy": policy,
+            "pod_template_hash": self._pod_hash,
+        }
+        concurrency = proxy_concurrency(annotations.get("proxy.istio.io/config"))
+        if concurrency is not None:
+            observed["concurrency"] = concurrency
+        return observed
+
+    # -- restore and close ---------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Put the snapshot back and wait for the rollout if the annotations changed; a no-op
+        before start, after close, or when the baseline is in force. Raises ``TargetError``."""
+        if not self._started or self._closed or self._snapshot is None:
+            return
+        try:
+            self._restore_to(self._snapshot)
+        except ApiCallFailed as exc:
+            raise TargetError(f"could not restore the baseline: {exc.describe()}") from None
+        except TrialFailed as exc:
+            raise TargetError(f"the baseline did not roll out again: {exc}") from None
+
+    def _restore_to(self, snap: Snapshot) -> None:
+        api = self._connect()
+        self._retry_conflict(lambda: self._restore_dr(api, snap))
+        self._retry_conflict(lambda: self._restore_annotations(api, snap))
+        if self._rollout_generation is not None:
+            self._wait_rollout(api, self._rollout_generation)
+        self._dr_changed = False
+
+    def _restore_dr(self, api: KubeApi, snap: Snapshot) -> None:
+        dr = self._get_dr(api)
+        name = self.spec.destination_rule
+        if dr is None:
+            if snap.dr_exists:
+                log.warning("destinationrule %s was deleted by someone else; not recreating it", name)
+            return
+        if not snap.dr_exists:
+            labels = (dr.get("metadata") or {}).get("labels") or {}
+            if all(labels.get(k) == v for k, v in MANAGED_BY.items()):
+                api.delete_destination_rule(name)
+            else:
+                log.warning("destinationrule %s was created by someone else; leaving it", name)
+            return
+        patch = merge_patch(traffic_policy_of(dr), snap.traffic_policy)
+        if patch != {}:
+            api.patch_destination_rule(name, {"spec": {"trafficPolicy": patch}})
+
+    def _restore_annotations(self, api: KubeApi, snap: Snapshot) -> None:
+        current = managed_annotations(api.get_deployment(self.spec.deployment))
+        patch = {k: v for k, v in snap.annotations.items() if current.get(k) != v}
+        if patch:
+            self._patch_annotations(api, patch)
+
+    def close(self) -> None:
+        """Restore the baseline, then forget the snapshot kept in the study. Idempotent. If the
+        restore fails the snapshot stays in the study (the next start retries) and this raises."""
+        if self._closed:
+            return
+        failure: TargetError | None = None
+        if self._started:
+            try:
+                self.restore()
+            except TargetError as exc:
+                failure = exc
+                log.error("%s; the snapshot stays in the study and the next start restores it", exc)
+            else:
+                if self._store is not None:
+                    self._store.set(STATE_KEY, None)
+        self._closed = True
+        self._started = False
+        self._release()
+        if failure is not None:
+            raise failure
+
+    def _release(self) -> None:
+        api, self._api = self._api, None
+        if api is not None:
+            with contextlib.suppress(Exception):
+                api.close()
+
+    def _require_started(self) -> KubeApi:
+        if not self._started or self._closed or self._api is None:
+            raise TargetError("the kubernetes target is not running (call start first)")
+        return self._api
+
+
+def _label_selector(selector: dict[str, Any]) -> str:
+    """A Deployment's ``spec.selector`` as a ``labelSelector`` query string."""
+    parts = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In":
+            parts.append(f"{key} in ({','.join(values)})")
+        elif op == "NotIn":
+            parts.append(f"{key} notin ({','.join(values)})")
+        elif op == "Exists":
+            parts.append(key)
+        elif op == "DoesNotExist":
+            parts.append(f"!{key}")
+    return ",".join(parts)

@@ -1,0 +1,690 @@
+"""A stateful fake Kubernetes API server that the real ``kubernetes`` client talks to over HTTP.
+
+It serves what the Kubernetes target uses, with the API server's semantics where they matter:
+namespaces (labels); ``apps/v1`` Deployments (GET; PATCH with merge-patch or strategic-merge-patch,
+``null`` deleting a key; ``metadata.generation`` bumped only on a spec change; a rollout that
+progresses one step per GET after a pod-template change, and switches to make it fail or hang);
+pods listed by label selector, named ``<deployment>-<pod-template-hash>-<n>``; ``networking.istio.io/v1``
+DestinationRules (GET/POST/PATCH/DELETE, validation against the real Istio 1.30.3 CRD schema,
+``fieldValidation=Strict`` refusing unknown fields, Istio's webhook refusing negative limits, 409 on a
+stale ``resourceVersion`` or an existing name); SelfSubjectAccessReviews; per-(verb, resource) 403s,
+injected errors and delays; and a log of every request.
+
+Status codes are the real server's: unknown fields under Strict → 400 (``strict decoding error``),
+schema violations → 422 (``Invalid``), a webhook denial → 400, a group that is not served → 404 with
+a plain-text body (not a ``Status``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jsonschema
+import yaml
+
+CRD = Path(__file__).parent / "data" / "istio-crds" / "destinationrule.crd.yaml"
+DR_PREFIX = "/apis/networking.istio.io/v1/namespaces/"
+_HASH_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' SafeEncodeString alphabet
+
+
+@dataclass
+class Request:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    content_type: str
+    body: Any
+
+
+@dataclass
+class Fault:
+    status: int
+    message: str
+    times: int
+    reason: str = ""
+
+
+@functools.cache
+def _dr_schema() -> dict[str, Any]:
+    crd = yaml.load(CRD.read_text(), Loader=yaml.CSafeLoader)
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _strict_schema() -> dict[str, Any]:
+    """The schema with ``additionalProperties: false`` on every object that declares properties
+    (what ``fieldValidation=Strict`` enforces instead of pruning)."""
+    schema = copy.deepcopy(_dr_schema())
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and not node.get(
+                    "x-kubernetes-preserve-unknown-fields"):
+                node.setdefault("additionalProperties", False)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (also what a strategic merge patch does to a string map)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).digest()
+    return "".join(_HASH_CHARS[b % len(_HASH_CHARS)] for b in digest[:10])
+
+
+def _status(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": message, "reason": reason, "code": code}
+    if details:
+        body["details"] = details
+    return body
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out and hung up is expected in tests
+
+
+class HttpError(Exception):
+    def __init__(self, code: int, body: Any) -> None:
+        super().__init__(code)
+        self.code, self.body = code, body
+
+
+@dataclass
+class Rollout:
+    """The status sequence one pod-template change goes through, one step per Deployment GET."""
+
+    generation: int
+    old_hash: str | None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    completes: bool = True
+    position: int = 0
+
+
+class FakeCluster:
+    """State plus the HTTP server. Use as a context manager; ``url`` is ``http://127.0.0.1:PORT``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.namespaces: dict[str, dict[str, str]] = {}
+        self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
+        self.drs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.rollouts: dict[tuple[str, str], Rollout] = {}
+        self.terminating: dict[tuple[str, str], str] = {}  # old hash whose pods are terminating
+        self.requests: list[Request] = []
+        self.forbidden: set[tuple[str, str]] = set()  # (verb, resource)
+        self.faults: dict[tuple[str, str], Fault] = {}
+        self.delay_s: dict[tuple[str, str], float] = {}
+        self.istio_installed = True
+        #: ``None``, ``"ReplicaFailure"``, ``"ProgressDeadlineExceeded"`` or ``"hang"``: what the next
+        #: rollouts do after their first step.
+        self.rollout_mode: str | None = None
+        self.rollout_message = ('pods "web-x" is forbidden: admission webhook "sidecar-injector.istio.io" '
+                                'denied the request: invalid proxyCPULimit')
+        #: What each pod's istio-proxy container uses, as cAdvisor reports it on /metrics/cadvisor.
+        self.proxy_cpu_cores = 0.05
+        self.proxy_throttled_ratio = 0.1
+        self._pod_seen: dict[str, float] = {}
+        self._rv = 1000
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> FakeCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        cluster = self
+
+        class Handler(_Handler):
+            fake = cluster
+
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-k8s", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def kubeconfig(self, path: Path, context: str = "fake") -> Path:
+        """Write a kubeconfig whose context ``context`` points at this server."""
+        doc = {"apiVersion": "v1", "kind": "Config", "current-context": context,
+               "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+               "users": [{"name": "autotune", "user": {"token": "fake-token"}}],
+               "contexts": [{"name": context, "context": {"cluster": "fake", "user": "autotune"}}]}
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    def reset(self) -> None:
+        """Forget every object, switch and logged request (pods' CPU counters keep running)."""
+        with self.lock:
+            for store in (self.namespaces, self.deployments, self.drs, self.rollouts, self.terminating,
+                          self.faults, self.delay_s):
+                store.clear()
+            self.forbidden.clear()
+            self.requests.clear()
+            self.istio_installed = True
+            self.rollout_mode = None
+
+    # -- seeding and inspection -------------------------------------------------------------------
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def add_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        with self.lock:
+            self.namespaces[name] = dict(labels or {})
+
+    def add_deployment(self, ns: str, name: str, replicas: int = 2,
+                       annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        labels = {"app": name}
+        dep = {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns, "generation": 1, "resourceVersion": self._next_rv(),
+                         "uid": f"uid-{name}", "labels": labels},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": dict(labels), "annotations": dict(annotations or {})},
+                                  "spec": {"containers": [{"name": name, "image": "example/app:1"}]}}},
+        }
+        dep["status"] = self._done_status(dep)
+        with self.lock:
+            self.deployments[(ns, name)] = dep
+        return copy.deepcopy(dep)
+
+    def add_destination_rule(self, ns: str, name: str, host: str,
+                             traffic_policy: dict[str, Any] | None = None) -> None:
+        spec: dict[str, Any] = {"host": host}
+        if traffic_policy is not None:
+            spec["trafficPolicy"] = copy.deepcopy(traffic_policy)
+        with self.lock:
+            self.drs[(ns, name)] = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                                    "metadata": {"name": name, "namespace": ns, "generation": 1,
+                                                 "resourceVersion": self._next_rv()},
+                                    "spec": spec}
+
+    def deployment(self, ns: str, name: str) -> dict[str, Any]:
+        with self.lock:
+            return copy.deepcopy(self.deployments[(ns, name)])
+
+    def annotations(self, ns: str, name: str) -> dict[str, str]:
+        return dict(self.deployment(ns, name)["spec"]["template"]["metadata"].get("annotations") or {})
+
+    def dr(self, ns: str, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            found = self.drs.get((ns, name))
+            return copy.deepcopy(found) if found else None
+
+    def calls(self, method: str | None = None, contains: str = "") -> list[Request]:
+        with self.lock:
+            return [r for r in self.requests if (method is None or r.method == method) and contains in r.path]
+
+    def fail(self, verb: str, resource: str, status: int, message: str, times: int = 1, reason: str = "") -> None:
+        """Answer the next ``times`` requests of (verb, resource) with ``status`` and ``message``."""
+        with self.lock:
+            self.faults[(verb, resource)] = Fault(status, message, times, reason)
+
+    def cadvisor(self) -> str:
+        """A kubelet's ``/metrics/cadvisor`` for the pods that exist now: the istio-proxy and app
+        containers' CPU counters grow at fixed rates from when a pod first appeared."""
+        now = time.time()
+        lines = ["# TYPE container_cpu_usage_seconds_total counter",
+                 "# TYPE container_cpu_cfs_periods_total counter",
+                 "# TYPE container_cpu_cfs_throttled_periods_total counter"]
+        with self.lock:
+            pods = [p for ns in list(self.namespaces) for p in self._pods(ns, consume=False)]
+            for pod in pods:
+                meta = pod["metadata"]
+                age = now - self._pod_seen.setdefault(meta["name"], now)
+                for container, cores in (("istio-proxy", self.proxy_cpu_cores), (meta["name"].split("-")[0], 0.5)):
+                    labels = f'namespace="{meta["namespace"]}",pod="{meta["name"]}",container="{container}"'
+                    lines.append(f"container_cpu_usage_seconds_total{{{labels}}} {cores * age:.6f}")
+                    lines.append(f"container_cpu_cfs_periods_total{{{labels}}} {int(age * 10)}")
+                    throttled = int(age * 10 * self.proxy_throttled_ratio) if container == "istio-proxy" else 0
+                    lines.append(f"container_cpu_cfs_throttled_periods_total{{{labels}}} {throttled}")
+        return "\n".join(lines) + "\n"
+
+    # -- deployment status -----------------------------------------------------------------------
+
+    @staticmethod
+    def _done_status(dep: dict[str, Any]) -> dict[str, Any]:
+        n = dep["spec"]["replicas"]
+        return {"observedGeneration": dep["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+                "readyReplicas": n, "availableReplicas": n,
+                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                               {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}
+
+    def _start_rollout(self, key: tuple[str, str], dep: dict[str, Any], old_hash: str) -> None:
+        n, gen = dep["spec"]["replicas"], dep["metadata"]["generation"]
+        old_status = copy.deepcopy(dep["status"])
+        progressing = [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                       {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]
+        steps = [
+            old_status,  # the controller has not seen the new generation yet
+            {"observedGeneration": gen, "replicas": n + 1, "updatedReplicas": 1, "availableReplicas": n,
+             "conditions": progressing},
+        ]
+        mode = self.rollout_mode
+        if mode == "ReplicaFailure":
+            failed = copy.deepcopy(steps[-1])
+            failed["conditions"].append({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                         "message": self.rollout_message})
+            steps.append(failed)
+        elif mode == "ProgressDeadlineExceeded":
+            failed = copy.deepcopy(steps[-1])
+            failed["conditions"][1] = {"type": "Progressing", "status": "False",
+                                       "reason": "ProgressDeadlineExceeded",
+                                       "message": f'ReplicaSet "{key[1]}-x" has timed out progressing.'}
+            steps.append(failed)
+        elif mode != "hang":
+            steps += [
+                {"observedGeneration": gen, "replicas": n + 1, "updatedReplicas": n, "availableReplicas": n,
+                 "conditions": progressing},  # old replicas pending termination
+                {"observedGeneration": gen, "replicas": n, "updatedReplicas": n, "availableReplicas": n - 1,
+                 "conditions": progressing},  # updated replicas not yet available
+                self._done_status(dep),
+            ]
+        self.rollouts[key] = Rollout(gen, old_hash, steps, completes=mode is None)
+
+    def _advance(self, key: tuple[str, str]) -> None:
+        ro = self.rollouts.get(key)
+        if ro is None:
+            return
+        dep = self.deployments[key]
+        dep["status"] = copy.deepcopy(ro.steps[min(ro.position, len(ro.steps) - 1)])
+        ro.position += 1
+        if ro.position >= len(ro.steps) and ro.completes:
+            del self.rollouts[key]
+            if ro.old_hash:
+                self.terminating[key] = ro.old_hash  # old pods terminate for one more pod listing
+
+    def _pods(self, ns: str, consume: bool = True) -> list[dict[str, Any]]:
+        """The pods of ``ns``; a listing (``consume``) ends the terminating phase of old pods."""
+        pods = []
+        for (dns, name), dep in self.deployments.items():
+            if dns != ns:
+                continue
+            tpl = dep["spec"]["template"]
+            new_hash = template_hash(tpl)
+            ro = self.rollouts.get((dns, name))
+            status = dep.get("status") or {}
+            groups: list[tuple[str, int, bool]] = []
+            if ro is not None:
+                groups.append((new_hash, int(status.get("updatedReplicas", 0)), False))
+                old = int(status.get("replicas", 0)) - int(status.get("updatedReplicas", 0))
+                if ro.old_hash and old > 0:
+                    groups.append((ro.old_hash, old, False))
+            else:
+                groups.append((new_hash, dep["spec"]["replicas"], False))
+                if (dns, name) in self.terminating:
+                    old_hash = self.terminating.pop((dns, name)) if consume else self.terminating[(dns, name)]
+                    groups.append((old_hash, dep["spec"]["replicas"], True))
+            for h, count, terminating in groups:
+                for i in range(count):
+                    meta: dict[str, Any] = {"name": f"{name}-{h}-{i:05d}"[:63], "namespace": ns,
+                                            "labels": {**tpl["metadata"].get("labels", {}),
+                                                       "pod-template-hash": h}}
+                    if terminating:
+                        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+                    pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                                 "status": {"phase": "Running"}})
+        return pods
+
+
+def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    for part in filter(None, (p.strip() for p in selector.split(","))):
+        if "!=" in part:
+            k, v = part.split("!=", 1)
+            if labels.get(k) == v:
+                return False
+        elif "=" in part:
+            k, v = part.split("==", 1) if "==" in part else part.split("=", 1)
+            if labels.get(k) != v:
+                return False
+        elif labels.get(part) is None:
+            return False
+    return True
+
+
+def _negative_ints(node: Any, path: str = "spec") -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _negative_ints(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _negative_ints(v, f"{path}[{i}]")
+    elif isinstance(node, int) and not isinstance(node, bool) and node < 0:
+        out.append(f"{path}: must be >= 0, got {node}")
+    return out
+
+
+def _validate_dr(dr: dict[str, Any], strict: bool) -> None:
+    name = dr.get("metadata", {}).get("name", "")
+    if strict:
+        for err in jsonschema.Draft7Validator(_strict_schema()).iter_errors({"spec": dr.get("spec")}):
+            if err.validator == "additionalProperties":
+                path = ".".join(str(p) for p in err.absolute_path)
+                raise HttpError(400, _status(400, "BadRequest", f"DestinationRule in version \"v1\" cannot be "
+                                             f"handled as a DestinationRule: strict decoding error: "
+                                             f"{err.message} at {path}"))
+    errors = list(jsonschema.Draft7Validator(_dr_schema()).iter_errors({"spec": dr.get("spec")}))
+    if errors:
+        causes = [".".join(str(p) for p in e.absolute_path) + ": " + e.message for e in errors]
+        raise HttpError(422, _status(422, "Invalid", f'DestinationRule.networking.istio.io "{name}" is invalid: '
+                                     + "; ".join(causes),
+                                     {"name": name, "group": "networking.istio.io", "kind": "DestinationRule"}))
+    negative = _negative_ints(dr.get("spec"))
+    if negative:
+        raise HttpError(400, _status(400, "BadRequest", 'admission webhook "validation.istio.io" denied the '
+                                     "request: configuration is invalid: " + "; ".join(negative)))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeCluster
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed ACK
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _send(self, code: int, body: Any, ctype: str = "text/plain; charset=utf-8") -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype if isinstance(body, str) else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        parts = urlsplit(self.path)
+        if parts.path == "/metrics/cadvisor":
+            self._send(200, self.fake.cadvisor(), "text/plain; version=0.0.4; charset=utf-8")
+            return
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        body = json.loads(raw) if raw else None
+        ctype = self.headers.get("Content-Type", "")
+        fake = self.fake
+        with fake.lock:
+            fake.requests.append(Request(self.command, parts.path, query, ctype, body))
+        try:
+            code, answer = self._route(parts.path, query, ctype, body)
+        except HttpError as exc:
+            code, answer = exc.code, exc.body
+        self._send(code, answer)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _handle
+
+    def _guard(self, verb: str, resource: str, group: str, ns: str, name: str | None) -> None:
+        fake = self.fake
+        delay = fake.delay_s.get((verb, resource))
+        if delay:
+            time.sleep(delay)
+        with fake.lock:
+            fault = fake.faults.get((verb, resource))
+            if fault is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    del fake.faults[(verb, resource)]
+                reason = fault.reason or {401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+                                          409: "Conflict", 422: "Invalid"}.get(fault.status, "InternalError")
+                raise HttpError(fault.status, _status(fault.status, reason, fault.message))
+            if (verb, resource) in fake.forbidden:
+                what = f'{resource}{"." + group if group else ""} "{name}" ' if name else f"{resource} "
+                raise HttpError(403, _status(403, "Forbidden", f'{what}is forbidden: User '
+                                             f'"system:serviceaccount:{ns}:autotune" cannot {verb} resource '
+                                             f'"{resource}" in API group "{group}" in the namespace "{ns}"'))
+
+    def _route(self, path: str, query: dict[str, str], ctype: str, body: Any) -> tuple[int, Any]:
+        p = path.strip("/").split("/")
+        verb = {"GET": "get", "POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[self.command]
+        if p[:3] == ["apis", "authorization.k8s.io", "v1"] and p[3:] == ["selfsubjectaccessreviews"]:
+            self._check_patch_type(ctype, ("application/json",))
+            attrs = body["spec"]["resourceAttributes"]
+            allowed = (attrs["verb"], attrs["resource"]) not in self.fake.forbidden
+            return 201, {**body, "status": {"allowed": allowed}}
+        if p[:3] == ["api", "v1", "namespaces"] and len(p) == 4 and verb == "get":
+            self._guard("get", "namespaces", "", p[3], p[3])
+            return self._namespace(p[3])
+        if p[:3] == ["api", "v1", "namespaces"] and len(p) == 5 and p[4] == "pods" and verb == "get":
+            self._guard("list", "pods", "", p[3], None)
+            with self.fake.lock:
+                pods = [x for x in self.fake._pods(p[3])
+                        if _selector_matches(query.get("labelSelector", ""), x["metadata"]["labels"])]
+            return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods}
+        if p[:4] == ["apis", "apps", "v1", "namespaces"] and len(p) == 7 and p[5] == "deployments":
+            self._guard(verb, "deployments", "apps", p[4], p[6])
+            return self._deployment(verb, p[4], p[6], ctype, body, query)
+        if p[:2] == ["apis", "networking.istio.io"]:
+            if not self.fake.istio_installed:
+                return 404, "404 page not found"
+            if p[2:4] == ["v1", "namespaces"] and len(p) >= 6 and p[5] == "destinationrules":
+                name = p[6] if len(p) == 7 else None
+                if name is None and verb == "get":
+                    verb = "list"
+                self._guard(verb, "destinationrules", "networking.istio.io", p[4], name)
+                return self._destination_rule(verb, p[4], name, ctype, body, query)
+        return 404, "404 page not found"
+
+    def _namespace(self, ns: str) -> tuple[int, Any]:
+        with self.fake.lock:
+            if ns not in self.fake.namespaces:
+                return 404, _status(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
+            return 200, {"apiVersion": "v1", "kind": "Namespace",
+                         "metadata": {"name": ns, "labels": dict(self.fake.namespaces[ns])},
+                         "status": {"phase": "Active"}}
+
+    @staticmethod
+    def _check_patch_type(ctype: str, allowed: tuple[str, ...]) -> None:
+        if ctype.split(";")[0].strip() not in allowed:
+            raise HttpError(415, _status(415, "UnsupportedMediaType",
+                                         f"the body of the request was in an unknown format - accepted media "
+                                         f"types include: {', '.join(allowed)}"))
+
+    @staticmethod
+    def _check_rv(current: dict[str, Any], body: Any, kind: str, name: str) -> None:
+        sent = ((body or {}).get("metadata") or {}).get("resourceVersion")
+        if sent is not None and sent != current["metadata"]["resourceVersion"]:
+            raise HttpError(409, _status(409, "Conflict", f'Operation cannot be fulfilled on {kind} "{name}": the '
+                                         "object has been modified; please apply your changes to the latest "
+                                         "version and try again"))
+
+    def _deployment(self, verb: str, ns: str, name: str, ctype: str, body: Any,
+                    query: dict[str, str]) -> tuple[int, Any]:
+        fake, key = self.fake, (ns, name)
+        with fake.lock:
+            dep = fake.deployments.get(key)
+            if dep is None:
+                return 404, _status(404, "NotFound", f'deployments.apps "{name}" not found',
+                                    {"name": name, "group": "apps", "kind": "deployments"})
+            if verb == "get":
+                fake._advance(key)
+                return 200, copy.deepcopy(dep)
+            if verb != "patch":
+                return 405, _status(405, "MethodNotAllowed", f"{verb} is not served by the fake")
+            self._check_patch_type(ctype, ("application/merge-patch+json", "application/strategic-merge-patch+json"))
+            self._check_rv(dep, body, "deployments.apps", name)
+            if not isinstance(body, dict) or set(body) - {"metadata", "spec"}:
+                raise HttpError(400, _status(400, "BadRequest", "the fake accepts metadata/spec patches only"))
+            old_hash = template_hash(dep["spec"]["template"])
+            new_spec = merge_patch(dep["spec"], body.get("spec") or {})
+            for k, v in (body.get("metadata") or {}).items():
+                if k in ("labels", "annotations"):
+                    dep["metadata"][k] = merge_patch(dep["metadata"].get(k) or {}, v)
+            if new_spec != dep["spec"]:
+                dep["spec"] = new_spec
+                dep["metadata"]["generation"] += 1
+                if template_hash(new_spec["template"]) != old_hash:
+                    fake._start_rollout(key, dep, old_hash)
+            dep["metadata"]["resourceVersion"] = fake._next_rv()
+            return 200, copy.deepcopy(dep)
+
+    def _destination_rule(self, verb: str, ns: str, name: str | None, ctype: str, body: Any,
+                          query: dict[str, str]) -> tuple[int, Any]:
+        fake = self.fake
+        strict = query.get("fieldValidation") == "Strict"
+        with fake.lock:
+            if verb == "list":
+                items = [copy.deepcopy(d) for (dns, _), d in fake.drs.items() if dns == ns]
+                return 200, {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRuleList", "items": items}
+            if verb == "create":
+                self._check_patch_type(ctype, ("application/json",))
+                new = copy.deepcopy(body)
+                name = new["metadata"]["name"]
+                if (ns, name) in fake.drs:
+                    return 409, _status(409, "AlreadyExists",
+                                        f'destinationrules.networking.istio.io "{name}" already exists')
+                _validate_dr(new, strict)
+                new["metadata"].update(namespace=ns, generation=1, resourceVersion=fake._next_rv())
+                fake.drs[(ns, name)] = new
+                return 201, copy.deepcopy(new)
+            assert name is not None
+            current = fake.drs.get((ns, name))
+            if current is None:
+                return 404, _status(404, "NotFound", f'destinationrules.networking.istio.io "{name}" not found',
+                                    {"name": name, "group": "networking.istio.io", "kind": "destinationrules"})
+            if verb == "get":
+                return 200, copy.deepcopy(current)
+            if verb == "delete":
+                del fake.drs[(ns, name)]
+                return 200, _status(200, "", "deleted") | {"status": "Success"}
+            if verb == "patch":
+                self._check_patch_type(ctype, ("application/merge-patch+json", "application/json-patch+json",
+                                               "application/apply-patch+yaml"))
+                self._check_rv(current, body, "destinationrules.networking.istio.io", name)
+                new = merge_patch(current, body)
+                new["metadata"]["name"] = name
+                _validate_dr(new, strict)
+                if new["spec"] != current["spec"]:
+                    new["metadata"]["generation"] += 1
+                new["metadata"]["resourceVersion"] = fake._next_rv()
+                fake.drs[(ns, name)] = new
+                return 200, copy.deepcopy(new)
+            return 405, _status(405, "MethodNotAllowed", f"{verb} is not served by the fake")
+
+
+class _Backend(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+@dataclass
+class KubeEnv:
+    """A fake cluster, the service's stand-in (``backend_url``, a tiny HTTP server on 127.0.0.1),
+    and optionally a real Prometheus scraping the fake kubelet's cAdvisor endpoint."""
+
+    cluster: FakeCluster
+    kubeconfig: Path
+    backend_url: str
+    prometheus_url: str
+
+    NAMESPACE = "staging"
+    DEPLOYMENT = "web"
+    DR = "backend"
+    HOST = "backend.staging.svc.cluster.local"
+
+    def seed(self, annotations: dict[str, str] | None = None, traffic_policy: dict[str, Any] | None = None,
+             dr: bool = True, labelled: bool = True) -> None:
+        """A fresh namespace (labelled for staging), Deployment ``web`` and DestinationRule ``backend``."""
+        c = self.cluster
+        c.reset()
+        c.add_namespace(self.NAMESPACE, {"autotune.io/staging": "true"} if labelled else {})
+        c.add_namespace("production", {"autotune.io/staging": "true"})
+        c.add_deployment(self.NAMESPACE, self.DEPLOYMENT, annotations=annotations)
+        c.add_deployment("production", self.DEPLOYMENT, annotations=annotations)
+        if dr:
+            c.add_destination_rule(self.NAMESPACE, self.DR, self.HOST, traffic_policy)
+            c.add_destination_rule("production", self.DR, self.HOST, traffic_policy)
+
+    def target_data(self, **overrides: Any) -> dict[str, Any]:
+        """The spec's ``target`` block for this environment."""
+        data: dict[str, Any] = {
+            "kind": "kubernetes", "kubeconfig": str(self.kubeconfig), "context": "fake",
+            "namespace": self.NAMESPACE, "deployment": self.DEPLOYMENT, "destinationRule": self.DR,
+            "host": self.HOST, "serviceUrl": self.backend_url, "settle": 0, "rolloutTimeout": 10, "pollInterval": 0.05,
+            "requestTimeout": 5,
+            "prometheus": {"url": self.prometheus_url, "scrapeInterval": 0.25, "timeout": 5},
+        }
+        data.update(overrides)
+        return data
+
+
+@contextlib.contextmanager
+def kube_env(tmp: Path, prometheus: bool = True) -> Iterator[KubeEnv]:
+    """Start the fake cluster, the backend and (``prometheus``) a real Prometheus; stop them all."""
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(FakeCluster())
+        backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+        backend.daemon_threads = True
+        threading.Thread(target=backend.serve_forever, name="fake-backend", daemon=True).start()
+        stack.callback(backend.server_close)
+        stack.callback(backend.shutdown)
+        prom_url = "http://127.0.0.1:9"  # nothing listens there
+        if prometheus:
+            from _prometheus import scraping_prometheus, wait_for_data
+
+            prom_url = stack.enter_context(scraping_prometheus([f"{cluster.url}/metrics/cadvisor"], 0.25))
+            wait_for_data(prom_url, "up", samples=2, timeout=30)  # discovery takes a few seconds
+        yield KubeEnv(cluster, cluster.kubeconfig(tmp / "kubeconfig"),
+                      f"http://127.0.0.1:{backend.server_address[1]}", prom_url)

@@ -1,0 +1,393 @@
+"""The Kubernetes target against a fake API server spoken to by the real ``kubernetes`` client.
+
+Wire format (content types, bodies, query parameters), rollout waiting, pre-flight refusals, API
+errors, restore after a study, a failed trial and a crash, and one whole study whose load goes to
+a local HTTP server and whose CPU comes from a real Prometheus scraping the fake kubelet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from _specs import small_spec
+from autotune.errors import TargetError, TrialFailed
+from autotune.params import MeshConfig
+from autotune.study import run_single, run_study
+from autotune.targets import make_target
+from autotune.targets.kubernetes import KubernetesTarget
+from autotune.targets.kubernetes._snapshot import STATE_KEY
+from fake_k8s import FakeCluster, KubeEnv, kube_env
+
+NS, DEP, DR = KubeEnv.NAMESPACE, KubeEnv.DEPLOYMENT, KubeEnv.DR
+HOLD = "holdApplicationUntilProxyStarts: true\n"
+DR_PATH = f"/apis/networking.istio.io/v1/namespaces/{NS}/destinationrules"
+DEP_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/{DEP}"
+
+
+class DictStore:
+    """The study's durable state, in memory."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
+    with kube_env(tmp_path_factory.mktemp("kube")) as env:
+        yield env
+
+
+@pytest.fixture
+def env(kube: KubeEnv) -> KubeEnv:
+    kube.seed(annotations={"proxy.istio.io/config": HOLD}, traffic_policy={
+        "connectionPool": {"tcp": {"connectTimeout": "250ms"}}, "loadBalancer": {"simple": "ROUND_ROBIN"}})
+    return kube
+
+
+@pytest.fixture
+def fake(env: KubeEnv) -> FakeCluster:
+    return env.cluster
+
+
+def _target(env: KubeEnv, tmp_path: Path, store: DictStore | None = None, **overrides: Any) -> KubernetesTarget:
+    tgt = make_target(small_spec(tmp_path, target=env.target_data(**overrides)))
+    assert isinstance(tgt, KubernetesTarget)
+    if store is not None:
+        tgt.bind_state(store)
+    return tgt
+
+
+@pytest.fixture
+def target(env: KubeEnv, tmp_path: Path) -> Iterator[KubernetesTarget]:
+    tgt = _target(env, tmp_path)
+    tgt.start()
+    try:
+        yield tgt
+    finally:
+        tgt.close()
+
+
+def _baseline_state(fake: FakeCluster) -> tuple[dict[str, str], Any]:
+    return fake.annotations(NS, DEP), (fake.dr(NS, DR) or {}).get("spec")
+
+
+# -- wire format -------------------------------------------------------------------------------
+
+
+def test_patches_are_merge_patches_with_field_manager_and_strict_validation(
+        target: KubernetesTarget, fake: FakeCluster) -> None:
+    fake.requests.clear()
+    target.apply(MeshConfig(max_connections=64, http2_max_requests=100, concurrency=2, cpu_limit=0.5))
+    (dr_patch,) = fake.calls("PATCH", DR_PATH)
+    (dep_patch,) = fake.calls("PATCH", DEP_PATH)
+    for req in (dr_patch, dep_patch):
+        assert req.content_type == "application/merge-patch+json"
+        assert req.query == {"fieldManager": "autotune", "fieldValidation": "Strict"}
+    assert dr_patch.body == {"spec": {"trafficPolicy": {"connectionPool": {
+        "tcp": {"maxConnections": 64}, "http": {"http2MaxRequests": 100}}}}}
+    assert dep_patch.body == {"spec": {"template": {"metadata": {"annotations": {
+        "proxy.istio.io/config": HOLD + "concurrency: 2\n",
+        "sidecar.istio.io/proxyCPU": "100m", "sidecar.istio.io/proxyCPULimit": "500m",
+        "sidecar.istio.io/proxyMemory": "128Mi", "sidecar.istio.io/proxyMemoryLimit": "1024Mi"}}}}}
+    # the user's other DR fields survive; a left-out field goes back to Istio's default with null
+    target.apply(MeshConfig(http2_max_requests=100, concurrency=2, cpu_limit=0.5))
+    assert fake.calls("PATCH", DR_PATH)[-1].body == {"spec": {"trafficPolicy": {"connectionPool": {
+        "tcp": {"maxConnections": None}}}}}
+    spec = fake.dr(NS, DR)["spec"]  # type: ignore[index]
+    assert spec["trafficPolicy"] == {"connectionPool": {"tcp": {"connectTimeout": "250ms"},
+                                                        "http": {"http2MaxRequests": 100}},
+                                     "loadBalancer": {"simple": "ROUND_ROBIN"}}
+    assert not any(r.path.startswith("/api") and "/production" in r.path for r in fake.requests)
+
+
+def test_a_missing_destination_rule_is_created_and_deleted_again(env: KubeEnv, tmp_path: Path) -> None:
+    env.seed(dr=False)
+    fake = env.cluster
+    with _target(env, tmp_path) as tgt:
+        tgt.apply(MeshConfig(max_connections=8))
+        (create,) = fake.calls("POST", DR_PATH)
+        assert create.content_type == "application/json"
+        assert create.query == {"fieldManager": "autotune", "fieldValidation": "Strict"}
+        assert create.body["spec"] == {"host": KubeEnv.HOST,
+                                       "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 8}}}}
+        assert create.body["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "autotune"}
+    assert fake.dr(NS, DR) is None
+    assert fake.dr("production", DR) is None  # another namespace's objects are never touched
+    assert not any("/production" in r.path for r in fake.requests)
+
+
+def test_a_destination_rule_only_change_does_not_restart_pods(target: KubernetesTarget, fake: FakeCluster) -> None:
+    target.apply(MeshConfig(max_connections=10, cpu_limit=0.5))
+    target.wait_ready(10)
+    generation = fake.deployment(NS, DEP)["metadata"]["generation"]
+    fake.requests.clear()
+    target.apply(MeshConfig(max_connections=20, cpu_limit=0.5))
+    target.wait_ready(10)
+    assert fake.calls("PATCH", DEP_PATH) == []
+    assert fake.deployment(NS, DEP)["metadata"]["generation"] == generation
+    assert fake.dr(NS, DR)["spec"]["trafficPolicy"]["connectionPool"]["tcp"]["maxConnections"] == 20  # type: ignore[index]
+
+
+def test_concurrency_is_merged_into_the_existing_proxy_config(target: KubernetesTarget, fake: FakeCluster) -> None:
+    target.apply(MeshConfig(concurrency=3))
+    doc = yaml.safe_load(fake.annotations(NS, DEP)["proxy.istio.io/config"])
+    assert doc == {"holdApplicationUntilProxyStarts": True, "concurrency": 3}
+    assert target.observed_config()["concurrency"] == 3
+    target.apply(MeshConfig())  # concurrency unset: removed, the user's key kept
+    assert yaml.safe_load(fake.annotations(NS, DEP)["proxy.istio.io/config"]) == {
+        "holdApplicationUntilProxyStarts": True}
+    target.restore()
+    assert fake.annotations(NS, DEP) == {"proxy.istio.io/config": HOLD}  # byte for byte
+
+
+# -- rollout -----------------------------------------------------------------------------------
+
+
+def test_wait_ready_follows_the_rollout_from_the_patched_generation(
+        target: KubernetesTarget, fake: FakeCluster) -> None:
+    old_hash = target.observed_config()["pod_template_hash"]
+    target.apply(MeshConfig(cpu_limit=0.25))
+    fake.requests.clear()
+    target.wait_ready(10)
+    gets = fake.calls("GET", DEP_PATH)
+    assert len(gets) >= 5  # lagging observedGeneration, updated < desired, old pending, unavailable, done
+    status = fake.deployment(NS, DEP)["status"]
+    assert status["observedGeneration"] == 2 and status["availableReplicas"] == status["updatedReplicas"] == 2
+    pod_list = fake.calls("GET", f"/api/v1/namespaces/{NS}/pods")[-1]
+    assert pod_list.query == {"labelSelector": "app=web"}
+    new_hash = target.observed_config()["pod_template_hash"]
+    assert new_hash and new_hash != old_hash  # the terminating old pods were not counted
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("ReplicaFailure", 'admission webhook "sidecar-injector.istio.io" denied the request'),
+    ("ProgressDeadlineExceeded", "has timed out progressing"),
+])
+def test_a_failing_rollout_fails_the_trial_at_once_with_its_message(
+        target: KubernetesTarget, fake: FakeCluster, mode: str, expected: str) -> None:
+    fake.rollout_mode = mode
+    target.apply(MeshConfig(cpu_limit=0.3))
+    t0 = time.monotonic()
+    with pytest.raises(TrialFailed) as exc:
+        target.wait_ready(10)
+    assert exc.value.reason == "rollout-failed"
+    assert expected in str(exc.value)
+    assert time.monotonic() - t0 < 2
+    fake.rollout_mode = None  # so that the restore at close can roll out
+
+
+def test_a_hanging_rollout_times_out_as_not_ready(env: KubeEnv, tmp_path: Path) -> None:
+    env.cluster.rollout_mode = "hang"
+    tgt = _target(env, tmp_path, rolloutTimeout=0.5)
+    tgt.start()
+    tgt.apply(MeshConfig(cpu_limit=0.3))
+    with pytest.raises(TrialFailed) as exc:
+        tgt.wait_ready(10)
+    assert exc.value.reason == "not-ready"
+    assert "1 of 2 new replicas updated" in str(exc.value)
+    env.cluster.rollout_mode = None
+    tgt.close()
+    assert env.cluster.annotations(NS, DEP) == {"proxy.istio.io/config": HOLD}
+
+
+# -- pre-flight --------------------------------------------------------------------------------
+
+
+def test_an_unlabelled_namespace_is_refused_with_the_command_to_label_it(env: KubeEnv, tmp_path: Path) -> None:
+    env.seed(labelled=False)
+    with pytest.raises(TargetError, match=r"kubectl label namespace staging autotune\.io/staging=true"):
+        _target(env, tmp_path).start()
+    assert env.cluster.calls("PATCH") == []
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    ("no-deployment", "deployment web not found in namespace staging"),
+    ("no-istio", "Istio's CRDs are not installed"),
+    ("no-namespace", "namespace staging does not exist"),
+    ("rbac", "does not allow: verb 'patch' on 'deployments' (API group 'apps')"),
+    ("rbac-namespace", "RBAC does not allow verb 'get' on resource 'namespaces'"),
+])
+def test_preflight_says_what_to_fix(env: KubeEnv, tmp_path: Path, breakage: str, message: str) -> None:
+    fake = env.cluster
+    if breakage == "no-deployment":
+        del fake.deployments[(NS, DEP)]
+    elif breakage == "no-istio":
+        fake.istio_installed = False
+    elif breakage == "no-namespace":
+        del fake.namespaces[NS]
+    elif breakage == "rbac":
+        fake.forbidden.add(("patch", "deployments"))
+    else:
+        fake.forbidden.add(("get", "namespaces"))
+    tgt = _target(env, tmp_path, store=(store := DictStore()))
+    with pytest.raises(TargetError) as exc:
+        tgt.start()
+    assert message in str(exc.value)
+    assert store.data == {}
+    tgt.close()
+
+
+def test_an_unreachable_prometheus_is_a_preflight_error(env: KubeEnv, tmp_path: Path) -> None:
+    tgt = _target(env, tmp_path, prometheus={"url": "http://127.0.0.1:9", "timeout": 2})
+    with pytest.raises(TargetError, match=r"127\.0\.0\.1:9"):
+        tgt.start()
+
+
+# -- API errors during a trial -------------------------------------------------------------------
+
+
+def test_api_errors_become_trial_failures_with_the_server_message(target: KubernetesTarget,
+                                                                 fake: FakeCluster) -> None:
+    fake.forbidden.add(("patch", "destinationrules"))
+    with pytest.raises(TrialFailed) as exc:
+        target.apply(MeshConfig(max_connections=5))
+    assert exc.value.reason == "api"
+    assert "verb 'patch' on resource 'destinationrules' in API group 'networking.istio.io'" in str(exc.value)
+    fake.forbidden.clear()
+
+    fake.fail("patch", "deployments", 422, 'Deployment.apps "web" is invalid: spec.template: bad', times=1)
+    with pytest.raises(TrialFailed) as exc:
+        target.apply(MeshConfig(cpu_limit=0.5))
+    assert exc.value.reason == "rejected" and 'Deployment.apps "web" is invalid' in str(exc.value)
+
+    with pytest.raises(TrialFailed) as exc:  # Istio's webhook refuses negative limits
+        target.apply(MeshConfig(max_connections=-1))
+    assert exc.value.reason == "rejected" and "validation.istio.io" in str(exc.value)
+
+    fake.fail("get", "deployments", 401, "Unauthorized")
+    with pytest.raises(TrialFailed, match="401 Unauthorized"):
+        target.apply(MeshConfig(cpu_limit=0.5))
+
+
+def test_a_conflict_is_retried_once(target: KubernetesTarget, fake: FakeCluster) -> None:
+    fake.fail("patch", "destinationrules", 409, "the object has been modified", times=1)
+    target.apply(MeshConfig(max_connections=5))
+    assert len(fake.calls("PATCH", DR_PATH)) == 2
+    assert fake.dr(NS, DR)["spec"]["trafficPolicy"]["connectionPool"]["tcp"]["maxConnections"] == 5  # type: ignore[index]
+    fake.fail("patch", "destinationrules", 409, "the object has been modified", times=2)
+    with pytest.raises(TrialFailed, match="409 Conflict"):
+        target.apply(MeshConfig(max_connections=6))
+
+
+def test_a_stale_resource_version_is_a_conflict_in_the_fake(fake: FakeCluster, target: KubernetesTarget) -> None:
+    from kubernetes import client, config
+
+    api = client.CustomObjectsApi(config.new_client_from_config(config_file=target.spec.kubeconfig))
+    patch = {"metadata": {"resourceVersion": "1"}, "spec": {"trafficPolicy": {"foo": 1}}}
+    with pytest.raises(client.ApiException) as exc:
+        api.patch_namespaced_custom_object("networking.istio.io", "v1", NS, "destinationrules", DR, patch)
+    assert exc.value.status == 409
+    del patch["metadata"]
+    with pytest.raises(client.ApiException) as exc:  # unknown field under Strict validation
+        api.patch_namespaced_custom_object("networking.istio.io", "v1", NS, "destinationrules", DR, patch,
+                                           field_validation="Strict")
+    assert exc.value.status == 400 and "strict decoding error" in str(exc.value.body)
+    bad = {"spec": {"trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": "many"}}}}}
+    with pytest.raises(client.ApiException) as exc:  # schema type violation
+        api.patch_namespaced_custom_object("networking.istio.io", "v1", NS, "destinationrules", DR, bad)
+    assert exc.value.status == 422
+
+
+def test_an_api_timeout_fails_the_trial(env: KubeEnv, tmp_path: Path) -> None:
+    tgt = _target(env, tmp_path, requestTimeout=0.3)
+    tgt.start()
+    env.cluster.delay_s[("patch", "destinationrules")] = 1.0
+    with pytest.raises(TrialFailed) as exc:
+        tgt.apply(MeshConfig(max_connections=5))
+    assert exc.value.reason == "api-timeout"
+    env.cluster.delay_s.clear()
+    time.sleep(1.0)  # the timed-out PATCH still lands on the server, as it may on a real one
+    assert env.cluster.dr(NS, DR)["spec"]["trafficPolicy"]["connectionPool"]["tcp"]["maxConnections"] == 5  # type: ignore[index]
+    tgt.close()  # restore reads the state back, so it undoes the late write too
+    assert "maxConnections" not in env.cluster.dr(NS, DR)["spec"]["trafficPolicy"]["connectionPool"]["tcp"]  # type: ignore[index]
+
+
+# -- restore -----------------------------------------------------------------------------------
+
+
+def test_restore_after_a_failed_trial_puts_the_baseline_back(env: KubeEnv, tmp_path: Path) -> None:
+    fake = env.cluster
+    before = _baseline_state(fake)
+    store = DictStore()
+    tgt = _target(env, tmp_path, store=store)
+    tgt.start()
+    assert store.data[STATE_KEY]["annotations"]["proxy.istio.io/config"] == HOLD
+    fake.rollout_mode = "ReplicaFailure"
+    tgt.apply(MeshConfig(max_connections=3, concurrency=1, cpu_limit=0.02))
+    with pytest.raises(TrialFailed):
+        tgt.wait_ready(10)
+    fake.rollout_mode = None
+    tgt.restore()
+    tgt.restore()  # idempotent: nothing left to patch
+    assert _baseline_state(fake) == before
+    assert fake.deployment(NS, DEP)["status"]["observedGeneration"] == fake.deployment(NS, DEP)["metadata"][
+        "generation"]
+    patches = len(fake.calls("PATCH"))
+    tgt.close()
+    assert len(fake.calls("PATCH")) == patches
+    assert store.data[STATE_KEY] is None
+
+
+def test_the_next_start_restores_what_a_crashed_run_left(env: KubeEnv, tmp_path: Path) -> None:
+    fake = env.cluster
+    before = _baseline_state(fake)
+    store = DictStore()
+    crashed = _target(env, tmp_path, store=store)
+    crashed.start()
+    crashed.apply(MeshConfig(max_connections=3, concurrency=1, cpu_limit=0.1))
+    crashed.wait_ready(10)
+    snapshot = store.data[STATE_KEY]
+    assert _baseline_state(fake) != before  # the process dies here without restoring
+
+    again = _target(env, tmp_path, store=store)
+    again.start()
+    assert _baseline_state(fake) == before
+    assert store.data[STATE_KEY] == snapshot  # still the original baseline, not the crashed trial
+    again.apply(MeshConfig(max_connections=9))
+    again.close()
+    assert _baseline_state(fake) == before
+    assert store.data[STATE_KEY] is None
+
+
+def test_without_a_store_the_snapshot_is_kept_in_memory(env: KubeEnv, tmp_path: Path) -> None:
+    fake = env.cluster
+    before = _baseline_state(fake)
+    spec = small_spec(tmp_path, target=env.target_data(), **{"load.duration": 1.5, "load.warmup": 0.5})
+    measurement = run_single(spec, MeshConfig(max_connections=4, cpu_limit=0.5))
+    assert measurement.metrics["cpu_cores"] == pytest.approx(2 * fake.proxy_cpu_cores, rel=0.4)
+    assert _baseline_state(fake) == before
+
+
+# -- a whole study -----------------------------------------------------------------------------
+
+
+def test_a_study_on_the_fake_cluster_measures_cpu_from_prometheus_and_restores(
+        env: KubeEnv, tmp_path: Path) -> None:
+    fake = env.cluster
+    before = _baseline_state(fake)
+    spec = small_spec(tmp_path, target=env.target_data(), **{
+        "study.trials": 3, "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
+    study = run_study(spec, export=False)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    for t in trials:
+        # two pods × 0.05 cores of istio-proxy; the app container and production are not counted
+        assert t.user_attrs["cpu_cores"] == pytest.approx(2 * fake.proxy_cpu_cores, rel=0.4)
+        assert t.user_attrs["cpu_throttled_ratio"] == pytest.approx(fake.proxy_throttled_ratio, abs=0.05)
+        assert t.user_attrs["error_rate"] == 0
+        assert t.user_attrs["observed"]["annotations"]["sidecar.istio.io/proxyCPULimit"]
+    assert _baseline_state(fake) == before
+    assert study.user_attrs.get(f"target.{STATE_KEY}") is None
+    assert not any("/production" in r.path for r in fake.requests if r.method != "GET")
