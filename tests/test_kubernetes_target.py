@@ -391,3 +391,56 @@ def test_a_study_on_the_fake_cluster_measures_cpu_from_prometheus_and_restores(
     assert _baseline_state(fake) == before
     assert study.user_attrs.get(f"target.{STATE_KEY}") is None
     assert not any("/production" in r.path for r in fake.requests if r.method != "GET")
+
+
+class _CtrlCInTrial:
+    """Ctrl-C in the middle of the n-th trial's measurement window."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.started = n, 0
+
+    def study_started(self, *args: Any) -> None: ...
+
+    def trial_started(self, *args: Any, **kwargs: Any) -> None:
+        self.started += 1
+
+    def phase(self, name: str, fraction: float) -> None:
+        if self.started == self.n and name.startswith("measure") and fraction > 0.2:
+            raise KeyboardInterrupt
+
+    def trial_finished(self, *args: Any) -> None: ...
+
+
+def test_ctrl_c_restores_the_cluster_and_the_study_resumes(env: KubeEnv, tmp_path: Path) -> None:
+    fake = env.cluster
+    before = _baseline_state(fake)
+    spec = small_spec(tmp_path, target=env.target_data(), **{
+        "study.trials": 2, "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, _CtrlCInTrial(2), export=False)  # type: ignore[arg-type]
+    assert _baseline_state(fake) == before
+    study = run_study(spec, export=False)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert _baseline_state(fake) == before
+
+
+def test_the_shipped_example_spec_runs_through_the_cli(env: KubeEnv, tmp_path: Path) -> None:
+    """search-spaces/k8s-staging.yaml, pointed at the fake cluster, as a user would start it."""
+    from click.testing import CliRunner
+
+    from autotune.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "search-spaces" / "k8s-staging.yaml").read_text())
+    prometheus = env.target_data()["prometheus"]
+    data["target"] = {**data["target"], **env.target_data(), "prometheus": prometheus}
+    data["study"].update(storage=f"sqlite:///{tmp_path}/s.db", trials=2, resultsDir=str(tmp_path / "out"))
+    data["load"].update(users=4, ratePerUser=10, warmup=0.5, duration=2)
+    spec = tmp_path / "k8s.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    before = _baseline_state(env.cluster)
+    result = CliRunner().invoke(main, ["study", "start", str(spec)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Pareto front of k8s-staging" in result.output
+    assert (tmp_path / "out" / "k8s-staging" / "pareto.csv").exists()
+    assert _baseline_state(env.cluster) == before
