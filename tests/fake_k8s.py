@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import threading
@@ -34,7 +33,8 @@ from urllib.parse import parse_qs, urlsplit
 import jsonschema
 import yaml
 
-CRD = Path(__file__).parent / "data" / "istio-crds" / "destinationrule.crd.yaml"
+from _crd import load_crd, strict_dr_schema
+
 DR_PREFIX = "/apis/networking.istio.io/v1/namespaces/"
 _HASH_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' SafeEncodeString alphabet
 
@@ -58,32 +58,14 @@ class Fault:
     reason: str = ""
 
 
-@functools.cache
 def _dr_schema() -> dict[str, Any]:
-    crd = yaml.load(CRD.read_text(), Loader=yaml.CSafeLoader)
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    (v1,) = [v for v in load_crd()["spec"]["versions"] if v["name"] == "v1"]
     return v1["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
 
 
-@functools.cache
 def _strict_schema() -> dict[str, Any]:
-    """The schema with ``additionalProperties: false`` on every object that declares properties
-    (what ``fieldValidation=Strict`` enforces instead of pruning)."""
-    schema = copy.deepcopy(_dr_schema())
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node and not node.get(
-                    "x-kubernetes-preserve-unknown-fields"):
-                node.setdefault("additionalProperties", False)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    return schema
+    """What ``fieldValidation=Strict`` enforces instead of pruning (see tests/_crd.py)."""
+    return strict_dr_schema("v1")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from _crd import strict
 from autotune.spec import KubernetesTargetSpec, StudySpec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,25 +60,6 @@ def _crds() -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def _strict(schema: dict[str, Any]) -> dict[str, Any]:
-    """The API server prunes unknown fields of a CRD object; strict field validation rejects them."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if (node.get("type") == "object" and "properties" in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
-                node.setdefault("additionalProperties", False)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    return schema
-
-
 def _validate_istio(doc: dict[str, Any]) -> None:
     group, version = doc["apiVersion"].split("/")
     crd = _crds().get((group, doc["kind"]))
@@ -86,7 +68,7 @@ def _validate_istio(doc: dict[str, Any]) -> None:
     assert served["served"] and not served.get("deprecated", False)
     assert set(doc["metadata"]) <= {"name", "namespace", "labels", "annotations"}
     jsonschema.validate({k: v for k, v in doc.items() if k in ("spec", "status")},
-                        _strict(served["schema"]["openAPIV3Schema"]))
+                        strict(served["schema"]["openAPIV3Schema"]))
 
 
 def _validate(doc: dict[str, Any]) -> None:

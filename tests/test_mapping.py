@@ -7,7 +7,6 @@ validated against the real Istio 1.30.3 CRD schema (vendored in tests/data/istio
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import itertools
 from pathlib import Path
@@ -17,51 +16,26 @@ import jsonschema
 import pytest
 import yaml
 
+from _crd import DR_CRD, load_crd, strict_dr_schema
 from autotune import mapping
 from autotune.params import ISTIO_UNSET_LIMIT, PARAMETERS, MeshConfig
 from autotune.spec import ServiceRef, SidecarResources
 
-CRD = Path(__file__).parent / "data" / "istio-crds" / "destinationrule.crd.yaml"
+CRD = DR_CRD
 SERVICE = ServiceRef(name="backend", namespace="staging", port=8080)
 SIDECAR = SidecarResources()
 
 
-@functools.cache
-def _crd() -> dict[str, Any]:
-    return yaml.load(CRD.read_text(), Loader=yaml.CSafeLoader)  # type: ignore[no-any-return]
-
-
-def _strict(schema: dict[str, Any]) -> dict[str, Any]:
-    """Unknown fields under spec are pruned by the API server: reject them, like Strict validation."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node and not node.get(
-                "x-kubernetes-preserve-unknown-fields"
-            ):
-                node.setdefault("additionalProperties", False)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    return schema
-
-
 @pytest.fixture(scope="module")
 def dr_schema() -> dict[str, Any]:
-    crd = _crd()
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    (v1,) = [v for v in load_crd()["spec"]["versions"] if v["name"] == "v1"]
     assert v1["storage"] is True
-    return _strict(v1["schema"]["openAPIV3Schema"])
+    return strict_dr_schema("v1")
 
 
 def _validate(dr: dict[str, Any], schema: dict[str, Any]) -> None:
     """What the API server checks: a served group/version/kind, a DNS-1123 name, the spec schema."""
-    crd = _crd()
+    crd = load_crd()
     group, version = dr["apiVersion"].split("/")
     assert group == crd["spec"]["group"] and dr["kind"] == crd["spec"]["names"]["kind"]
     assert any(v["name"] == version and v["served"] for v in crd["spec"]["versions"])
