@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -32,7 +31,20 @@ def write_section(title: str, body: str) -> None:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"## {title}\n\nMeasured {stamp} on {machine()}.\nCommand: `{command}`\n\n"
                f"{body.strip()}\n\n")
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _m: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
+    replace_section(RESULTS, f"## {title}", section.split("\n", 1)[1])
+
+
+def replace_section(path: Path, heading: str, body: str) -> None:
+    """Replace ``heading``'s section of ``path`` (up to the next ``## ``) with ``body``, or append it."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines()
+    new = [heading, "", *body.strip("\n").splitlines(), ""]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = new
+    else:
+        if lines and lines[-1].strip():
+            lines.append("")
+        lines += new
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")

@@ -6,7 +6,7 @@ Measures, interleaved in ``--rounds`` rounds with the spec's load and noise cont
   direct:  the load straight to one upstream endpoint (no proxy): the floor;
   default: the Istio-default sidecar (2000m, 2 workers, no connection-pool limits);
   tuned:   the best *confirmed* Pareto config of ``--study`` whose CPU limit is at most the
-           default's (lowest p95), or the config given with ``--set KEY=VALUE``.
+           default's (lowest p95), or ``--trial N`` of that study, or ``--set KEY=VALUE``.
 Prints p50/p95/p99 and the proxy's added p95/p99 over the direct path; writes bench/RESULTS.md.
 """
 
@@ -62,11 +62,16 @@ def main() -> None:
     parser.add_argument("--study", default="local-demo")
     parser.add_argument("--storage", default="sqlite:///trials/autotune.db")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--trial", type=int, help="use this trial's config of --study instead")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     spec = load_spec(args.spec)
     assert isinstance(spec.target, LocalTargetSpec)
-    if args.sets:
+    if args.trial is not None:
+        study = optuna.load_study(study_name=args.study, storage=make_storage(args.storage))
+        tuned = config_of(study.trials[args.trial])
+        label = f"trial {args.trial} of {args.study}: {tuned.describe()}"
+    elif args.sets:
         params = {k: float(v) for k, v in (s.split("=", 1) for s in args.sets)}
         tuned, label = MeshConfig.from_params(params), "--set " + " ".join(args.sets)
     else:
