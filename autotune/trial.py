@@ -48,6 +48,7 @@ def combine(load: LoadResult, usage: ProxyUsage, config: MeshConfig) -> dict[str
         "cpu_reserved_cores": config.effective_cpu_limit,
         "cpu_throttled_ratio": usage.throttled_ratio,
         "cpu_throttled_s": usage.throttled_s,
+        **usage.extra,
     }
 
 

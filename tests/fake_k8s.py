@@ -58,6 +58,10 @@ class Fault:
     reason: str = ""
 
 
+#: Cumulative share of requests per histogram bucket of the fake sidecars (p95 = 17.5 ms).
+SERVER_LATENCY_BUCKETS = (("1", 0.0), ("5", 0.5), ("10", 0.9), ("25", 1.0), ("+Inf", 1.0))
+
+
 def _dr_schema() -> dict[str, Any]:
     (v1,) = [v for v in load_crd()["spec"]["versions"] if v["name"] == "v1"]
     return v1["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
@@ -260,6 +264,7 @@ class FakeCluster:
         containers' CPU counters grow at fixed rates from when a pod first appeared."""
         now = time.time()
         lines = ["# TYPE container_cpu_usage_seconds_total counter",
+                 "# TYPE istio_request_duration_milliseconds histogram",
                  "# TYPE container_cpu_cfs_periods_total counter",
                  "# TYPE container_cpu_cfs_throttled_periods_total counter"]
         with self.lock:
@@ -273,6 +278,14 @@ class FakeCluster:
                     lines.append(f"container_cpu_cfs_periods_total{{{labels}}} {int(age * 10)}")
                     throttled = int(age * 10 * self.proxy_throttled_ratio) if container == "istio-proxy" else 0
                     lines.append(f"container_cpu_cfs_throttled_periods_total{{{labels}}} {throttled}")
+                # Istio's server-side histogram: 100 requests/s per pod, p95 = 17.5 ms exactly
+                # (95th of 100 falls halfway into the (10, 25] bucket, which holds 90..100).
+                workload = meta["name"].rsplit("-", 2)[0]
+                labels = (f'reporter="destination",destination_workload_namespace="{meta["namespace"]}",'
+                          f'destination_workload="{workload}",pod="{meta["name"]}"')
+                for le, share in SERVER_LATENCY_BUCKETS:
+                    lines.append(f'istio_request_duration_milliseconds_bucket{{{labels},le="{le}"}} '
+                                 f"{100 * share * age:.3f}")
         return "\n".join(lines) + "\n"
 
     # -- deployment status -----------------------------------------------------------------------

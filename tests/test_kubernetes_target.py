@@ -444,3 +444,16 @@ def test_the_shipped_example_spec_runs_through_the_cli(env: KubeEnv, tmp_path: P
     assert "Pareto front of k8s-staging" in result.output
     assert (tmp_path / "out" / "k8s-staging" / "pareto.csv").exists()
     assert _baseline_state(env.cluster) == before
+
+
+def test_server_side_latency_comes_from_istio_histograms_when_asked(env: KubeEnv, tmp_path: Path) -> None:
+    from fake_k8s import SERVER_LATENCY_BUCKETS
+
+    assert SERVER_LATENCY_BUCKETS[3] == ("25", 1.0)  # p95 halfway into (10, 25]: 17.5 ms
+    prometheus = {**env.target_data()["prometheus"], "serverLatency": True}
+    spec = small_spec(tmp_path, target=env.target_data(prometheus=prometheus), **{
+        "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
+    measured = run_single(spec, MeshConfig(concurrency=1))
+    assert measured.metrics["server_latency_p95_ms"] == pytest.approx(17.5, rel=0.02)
+    assert measured.metrics["server_latency_p99_ms"] == pytest.approx(23.5, rel=0.02)
+    assert measured.metrics["latency_p95_ms"] > 0  # Locust's client-side figures stay available

@@ -8,7 +8,7 @@ A trial runs ``apply → wait_ready → begin_window … (load) … end_window``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -25,6 +25,8 @@ class ProxyUsage:
     periods: int = 0
     throttled_periods: int = 0
     throttled_s: float = 0.0
+    #: Further figures a target measures over the same window (e.g. server-side latency).
+    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def throttled_ratio(self) -> float:

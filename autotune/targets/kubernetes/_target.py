@@ -51,6 +51,8 @@ class MetricsReader(Protocol):
                           start: float, end: float) -> float: ...
     def throttled_ratio(self, namespace: str, deployment: str, pod_template_hash: str | None,
                         start: float, end: float) -> float | None: ...
+    def server_latency_ms(self, namespace: str, deployment: str, quantile: float,
+                          start: float, end: float) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -328,7 +330,13 @@ class KubernetesTarget(Target):
         args = (self.spec.namespace, self.spec.deployment, self._pod_hash, start, end)
         cpu = self._metrics.sidecar_cpu_cores(*args)
         throttled = self._metrics.throttled_ratio(*args)
-        return PrometheusUsage(cpu_cores=cpu, window_s=end - start, measured_throttled_ratio=throttled)
+        extra: dict[str, float] = {}
+        if self.spec.prometheus.server_latency:
+            for q in (0.95, 0.99):
+                extra[f"server_latency_p{round(q * 100)}_ms"] = self._metrics.server_latency_ms(
+                    self.spec.namespace, self.spec.deployment, q, start, end)
+        return PrometheusUsage(cpu_cores=cpu, window_s=end - start, measured_throttled_ratio=throttled,
+                               extra=extra)
 
     def observed_config(self) -> dict[str, Any]:
         """The managed annotations and DR ``trafficPolicy`` as read back from the API server
