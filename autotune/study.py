@@ -61,14 +61,12 @@ def counted_trials(study: optuna.Study) -> int:
     return n
 
 
-def open_study(spec: StudySpec, *, create: bool = True) -> optuna.Study:
+def open_study(spec: StudySpec) -> optuna.Study:
     """Create or load the spec's study. A study of the same name with other objectives is refused."""
     storage = make_storage(spec.study.storage)
     sampler = make_sampler(spec.study.sampler, spec.study.seed)
     metrics = [o.metric for o in spec.objectives]
     directions = [o.direction for o in spec.objectives]
-    if not create:
-        return optuna.load_study(study_name=spec.study.name, storage=storage, sampler=sampler)
     study = optuna.create_study(study_name=spec.study.name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     existing = study.user_attrs.get("objectives")
@@ -257,8 +255,3 @@ def run_single(spec: StudySpec, config: MeshConfig, observer: Observer | None = 
                          for n, v in config.to_params().items()])
     with tgt:
         return measure_config(tgt, spec, config, observer)
-
-
-def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
-    """A flat dict of one recorded trial, for tables."""
-    return records.trial_row(trial)

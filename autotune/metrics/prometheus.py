@@ -135,12 +135,7 @@ class PrometheusReader:
         """CPU cores used by the sidecars of the trial's pods over ``[start, end]`` (sum over pods)."""
         promql = render(SIDECAR_CPU_CORES, window_s=self._window(start, end), namespace=namespace,
                         pods=pods_pattern(deployment, pod_template_hash))
-        value = self._value(promql, end)
-        if value is None:
-            raise TrialFailed("metrics", f"query returned no data: {promql}")
-        if not math.isfinite(value):
-            raise TrialFailed("metrics", f"query returned {value}: {promql}")
-        return value
+        return self._required(promql, end)
 
     def throttled_ratio(self, namespace: str, deployment: str, pod_template_hash: str | None,
                         start: float, end: float) -> float | None:
@@ -160,11 +155,16 @@ class PrometheusReader:
             raise ValueError(f"a quantile is between 0 and 1 (exclusive), got {quantile}")
         promql = render(SERVER_LATENCY_MS, window_s=self._window(start, end), quantile=quantile,
                         namespace=namespace, workload=deployment)
-        value = self._value(promql, end)
+        return self._required(promql, end, " (no requests in the window?)")
+
+    def _required(self, promql: str, at: float, hint: str = "") -> float:
+        """The query's single value at ``at``; ``TrialFailed('metrics', …)`` naming the query if
+        there is no data or the value is not a number."""
+        value = self._value(promql, at)
         if value is None:
             raise TrialFailed("metrics", f"query returned no data: {promql}")
         if not math.isfinite(value):
-            raise TrialFailed("metrics", f"query returned {value} (no requests in the window?): {promql}")
+            raise TrialFailed("metrics", f"query returned {value}{hint}: {promql}")
         return value
 
     def settled_at(self, end: float) -> float:
