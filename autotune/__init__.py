@@ -9,7 +9,7 @@ The library API the CLI and the scheduled job call::
 from __future__ import annotations
 
 from autotune.errors import AutotuneError, SpecError, TargetError, TrialFailed
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec, load_spec, parse_spec
 
 __all__ = [

@@ -21,16 +21,13 @@ import optuna
 import pandas as pd
 
 from _results import write_section
+from autotune.export import pareto_frame
 from autotune.load import run_load_windows
-from autotune.noise import aggregate
-from autotune.params import MeshConfig
-from autotune.records import pareto_frame
+from autotune.mesh import MeshConfig
 from autotune.spec import LocalTargetSpec, StudySpec, load_spec
-from autotune.storage import make_storage
-from autotune.study import config_of
+from autotune.study import aggregate, config_of, make_storage, measure_config
 from autotune.targets.local import LocalTarget
-from autotune.targets.local.upstream import UpstreamProcess
-from autotune.trial import measure_config
+from autotune.targets.local._upstream import UpstreamProcess
 
 PCTS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 

@@ -20,11 +20,10 @@ import numpy as np
 import pandas as pd
 
 from _results import write_section
-from autotune.noise import cv
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig
 from autotune.spec import load_spec
+from autotune.study import cv, measure_config
 from autotune.targets.local import LocalTarget
-from autotune.trial import measure_config
 
 METRICS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores")
 

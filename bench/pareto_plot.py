@@ -20,9 +20,8 @@ import optuna
 from optuna.trial import TrialState
 
 from _results import write_section
-from autotune.objectives import METRIC_LABELS
-from autotune.records import pareto_frame, pareto_trials
-from autotune.storage import make_storage
+from autotune.export import pareto_frame
+from autotune.study import METRIC_LABELS, make_storage, pareto_trials
 
 OUT = Path(__file__).parent / "pareto-front.png"
 

@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import TrialFailed
-from autotune.objectives import violations
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig
 from autotune.spec import LocalTargetSpec, StudySpec, load_spec
+from autotune.study import measure_config, violations
 from autotune.targets.local import LocalTarget
-from autotune.trial import measure_config
 
 #: The grid, by Istio name; the order of the keys is the order of the CSV's parameter columns.
 GRID: dict[str, list[float]] = {

@@ -37,10 +37,8 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 from optuna.trial import FrozenTrial
 
 from _results import machine, replace_section
-from autotune.objectives import CONSTRAINT_NAMES
-from autotune.samplers import make_sampler
 from autotune.spec import SearchParam, StudySpec, load_spec
-from autotune.study import suggest
+from autotune.study import CONSTRAINT_NAMES, make_sampler, suggest
 
 SECTION = "## Sampler cost"
 POPULATION = 5  # make_sampler's NSGA-II population with the default n_startup_trials

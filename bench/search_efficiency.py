@@ -43,11 +43,9 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from _results import machine, replace_section
-from autotune.objectives import CONSTRAINT_NAMES, constraint_values
-from autotune.params import PARAMETERS, MeshConfig
-from autotune.samplers import make_sampler
+from autotune.mesh import PARAMETERS, MeshConfig
 from autotune.spec import SearchParam, StudySpec, load_spec
-from autotune.study import suggest
+from autotune.study import CONSTRAINT_NAMES, constraint_values, make_sampler, suggest
 
 SECTION = "## Search efficiency (recorded landscape)"
 #: Grid columns of the landscape CSV, by Istio name.

@@ -25,11 +25,9 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from _results import write_section
-from autotune.params import MeshConfig
-from autotune.progress import TrialOutcome
+from autotune.mesh import MeshConfig
 from autotune.spec import load_spec
-from autotune.storage import make_storage
-from autotune.study import run_study
+from autotune.study import TrialOutcome, make_storage, run_study
 
 
 class Stopwatch:

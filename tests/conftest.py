@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 #: Command-line fragments of every process autotune starts.
-_OURS = ("envoy", "locust", "autotune.targets.local.upstream")
+_OURS = ("envoy", "locust", "autotune.targets.local._upstream")
 
 
 def _our_children() -> list[str]:
@@ -26,7 +26,7 @@ def _our_children() -> list[str]:
 
 def _autotune_cgroups() -> list[str]:
     try:
-        from autotune.targets.local.cgroup import list_autotune_cgroups
+        from autotune.targets.local._cgroup import list_autotune_cgroups
     except ImportError:  # pragma: no cover - the local target is part of the package
         return []
     # Only this test process's cgroups (named autotune-<pid>-…): another run may be going on.

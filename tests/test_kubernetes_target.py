@@ -17,7 +17,7 @@ import yaml
 
 from _specs import small_spec
 from autotune.errors import TargetError, TrialFailed
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig
 from autotune.study import run_single, run_study
 from autotune.targets import make_target
 from autotune.targets.kubernetes import KubernetesTarget
@@ -379,7 +379,7 @@ def test_a_study_on_the_fake_cluster_measures_cpu_from_prometheus_and_restores(
     before = _baseline_state(fake)
     spec = small_spec(tmp_path, target=env.target_data(), **{
         "study.trials": 3, "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
-    study = run_study(spec, export=False)
+    study = run_study(spec)
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     for t in trials:
@@ -417,9 +417,9 @@ def test_ctrl_c_restores_the_cluster_and_the_study_resumes(env: KubeEnv, tmp_pat
     spec = small_spec(tmp_path, target=env.target_data(), **{
         "study.trials": 2, "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
     with pytest.raises(KeyboardInterrupt):
-        run_study(spec, _CtrlCInTrial(2), export=False)  # type: ignore[arg-type]
+        run_study(spec, _CtrlCInTrial(2))  # type: ignore[arg-type]
     assert _baseline_state(fake) == before
-    study = run_study(spec, export=False)
+    study = run_study(spec)
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert _baseline_state(fake) == before
 

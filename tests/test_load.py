@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 from autotune.errors import TrialFailed
-from autotune.load import LoadResult, _runner, run_load
+from autotune.load import LoadResult, run_load
+from autotune.load import _locust as _runner
 from autotune.spec import LoadSpec
 
 BUILTIN = Path(_runner.__file__).parent / "locustfile.py"

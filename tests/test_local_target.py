@@ -20,12 +20,12 @@ import psutil
 import pytest
 
 from autotune.errors import TargetError, TrialFailed, UnsupportedParameter
-from autotune.params import ISTIO_UNSET_LIMIT, PARAMETERS, MeshConfig
+from autotune.mesh import ISTIO_UNSET_LIMIT, PARAMETERS, MeshConfig
 from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef, UpstreamSpec
 from autotune.targets.local import LocalTarget, _target
-from autotune.targets.local.cgroup import CgroupSupport, CpuCgroup, detect, list_autotune_cgroups
-from autotune.targets.local.envoy import find_envoy_binary
-from autotune.targets.local.upstream import UpstreamProcess
+from autotune.targets.local._cgroup import CgroupSupport, CpuCgroup, detect, list_autotune_cgroups
+from autotune.targets.local._envoy import find_envoy_binary
+from autotune.targets.local._upstream import UpstreamProcess
 
 SUPPORT = detect()
 try:

@@ -113,7 +113,7 @@ def test_configmap_holds_a_valid_kubernetes_spec() -> None:
     assert isinstance(target, KubernetesTargetSpec)
     assert target.in_cluster and target.namespace == NAMESPACE
     assert spec.study.storage == "env:AUTOTUNE_STORAGE"
-    # rate() over the window needs several scrapes (see autotune/metrics/prometheus.py).
+    # rate() over the window needs several scrapes (see autotune/metrics/_prometheus.py).
     assert spec.load.duration >= 4 * target.prometheus.scrape_interval
 
 

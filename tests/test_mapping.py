@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from _crd import DR_CRD, load_crd, strict_dr_schema
-from autotune import mapping
-from autotune.params import ISTIO_UNSET_LIMIT, PARAMETERS, MeshConfig
+from autotune import mesh as mapping
+from autotune.mesh import ISTIO_UNSET_LIMIT, PARAMETERS, MeshConfig
 from autotune.spec import ServiceRef, SidecarResources
 
 CRD = DR_CRD

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from autotune.noise import aggregate, cv, paired_change
+from autotune.study import aggregate, cv, paired_change
 
 
 def test_aggregate_takes_medians_and_is_conservative_on_load_validity() -> None:

@@ -13,10 +13,9 @@ import pytest
 from optuna.trial import TrialState
 
 from _specs import small_spec
-from autotune.confirm import confirm_front
-from autotune.params import MeshConfig
-from autotune.records import pareto_frame
-from autotune.study import counted_trials, open_study, run_single, run_study
+from autotune.export import pareto_frame
+from autotune.mesh import MeshConfig
+from autotune.study import confirm_front, counted_trials, open_study, run_single, run_study
 from autotune.targets.local import LocalTarget
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ import pytest
 from _prometheus import backfilled_prometheus, free_port, scraping_prometheus, wait_for_data
 from autotune.errors import TargetError, TrialFailed
 from autotune.metrics import PrometheusReader
-from autotune.metrics.prometheus import SIDECAR_CPU_CORES, pods_pattern, promql_string, render
+from autotune.metrics._prometheus import SIDECAR_CPU_CORES, pods_pattern, promql_string, render
 from autotune.spec import PrometheusSpec
 
 T0 = 1_700_000_000  # fixed, so every number below is deterministic
@@ -165,7 +165,7 @@ def test_label_values_are_escaped(prom_url: str) -> None:
 
 
 def test_short_window_is_warned_about(prom_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="autotune.metrics.prometheus"):
+    with caplog.at_level(logging.WARNING, logger="autotune.metrics._prometheus"):
         cores = _reader(prom_url).sidecar_cpu_cores(NS, "backend", "abc123", END - 15, END)
     assert cores == pytest.approx(0.25, rel=1e-6)
     assert any("shorter than 4 × the scrape interval" in r.getMessage() for r in caplog.records)

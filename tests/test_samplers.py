@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from autotune.errors import AutotuneError
-from autotune.samplers import make_sampler
+from autotune.study import make_sampler
 
 
 @pytest.mark.parametrize("name,cls", [("tpe", optuna.samplers.TPESampler),

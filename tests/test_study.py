@@ -12,11 +12,10 @@ import yaml
 
 from _specs import small_spec
 from autotune.errors import TrialFailed
-from autotune.params import MeshConfig
-from autotune.progress import NullObserver
-from autotune.records import pareto_trials
+from autotune.export import export_study, results_dir
+from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
-from autotune.study import INTERRUPTED, counted_trials, run_single, run_study
+from autotune.study import INTERRUPTED, NullObserver, counted_trials, pareto_trials, run_single, run_study
 from autotune.targets.local import LocalTarget
 
 pytestmark = pytest.mark.slow
@@ -34,6 +33,7 @@ def _study(spec: StudySpec) -> optuna.Study:
 def test_short_study_records_every_trial_and_writes_exports(tmp_path: Path) -> None:
     spec = small_spec(tmp_path)
     study = run_study(spec)
+    export_study(study, results_dir(spec))
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
     base = trials[0]
@@ -62,7 +62,7 @@ def test_short_study_records_every_trial_and_writes_exports(tmp_path: Path) -> N
 
 def test_circuit_breaker_overflows_are_infeasible(tmp_path: Path) -> None:
     """Tiny maxConnections/http1MaxPendingRequests under load: fast 503s must not look good."""
-    from autotune.objectives import violations
+    from autotune.study import violations
 
     spec = small_spec(tmp_path, **{"load.users": 20, "load.ratePerUser": 20,
                                    "target.upstream.serviceTimeMs": 20})

@@ -15,7 +15,7 @@ import pytest
 
 from _specs import small_spec
 from autotune.errors import TrialFailed
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig
 from autotune.targets import Target, make_target
 from fake_k8s import KubeEnv, kube_env
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
+from autotune.load._locust import run_load, run_load_windows
 from autotune.load._result import LoadResult
-from autotune.load._runner import run_load, run_load_windows
 
 __all__ = ["LoadResult", "run_load", "run_load_windows"]

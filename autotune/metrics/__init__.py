@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from autotune.metrics.prometheus import PrometheusReader
+from autotune.metrics._prometheus import PrometheusReader
 
 __all__ = ["PrometheusReader"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig
 from autotune.spec import SearchParam
 
 

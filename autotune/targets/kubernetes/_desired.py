@@ -11,8 +11,7 @@ from typing import Any
 
 import yaml
 
-from autotune.mapping import ANN_PROXY_CONFIG, connection_pool, sidecar_annotations
-from autotune.params import MeshConfig
+from autotune.mesh import ANN_PROXY_CONFIG, MeshConfig, connection_pool, sidecar_annotations
 from autotune.spec import SidecarResources
 from autotune.targets.kubernetes._snapshot import MANAGED_ANNOTATIONS
 

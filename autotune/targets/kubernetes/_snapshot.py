@@ -9,7 +9,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune.mapping import ANN_CPU, ANN_CPU_LIMIT, ANN_MEMORY, ANN_MEMORY_LIMIT, ANN_PROXY_CONFIG
+from autotune.mesh import ANN_CPU, ANN_CPU_LIMIT, ANN_MEMORY, ANN_MEMORY_LIMIT, ANN_PROXY_CONFIG
 
 #: The pod-template annotations autotune writes, hence snapshots and restores.
 MANAGED_ANNOTATIONS = (ANN_PROXY_CONFIG, ANN_CPU, ANN_CPU_LIMIT, ANN_MEMORY, ANN_MEMORY_LIMIT)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from autotune.errors import TargetError, TrialFailed
-from autotune.mapping import destination_rule
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig, destination_rule
 from autotune.spec import KubernetesTargetSpec, PrometheusSpec, ServiceRef, SidecarResources
 from autotune.targets._base import ProxyUsage, StateStore, Target
 from autotune.targets.kubernetes._client import DR_GROUP, DR_PLURAL, ApiCallFailed, KubeApi, make_api_client
@@ -44,7 +43,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "autotune"}
 
 
 class MetricsReader(Protocol):
-    """What the target needs from ``autotune.metrics.prometheus.PrometheusReader``."""
+    """What the target needs from ``autotune.metrics.PrometheusReader``."""
 
     def check(self) -> None: ...
     def sidecar_cpu_cores(self, namespace: str, deployment: str, pod_template_hash: str | None,
@@ -67,7 +66,7 @@ class PrometheusUsage(ProxyUsage):
 
 
 def _default_reader(spec: PrometheusSpec) -> MetricsReader:
-    from autotune.metrics.prometheus import PrometheusReader
+    from autotune.metrics import PrometheusReader
 
     return PrometheusReader(spec)
 

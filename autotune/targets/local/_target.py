@@ -20,19 +20,18 @@ from typing import Any
 import psutil
 
 from autotune.errors import TargetError, TrialFailed, UnsupportedParameter
-from autotune.mapping import cluster_name, envoy_cluster
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig, cluster_name, envoy_cluster
 from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef
 from autotune.targets._base import ProxyUsage, Target
-from autotune.targets.local.cgroup import (
+from autotune.targets.local._cgroup import (
     NAME_PREFIX,
     CgroupSupport,
     CpuCgroup,
     CpuSample,
     detect,
 )
-from autotune.targets.local.envoy import EnvoyProcess, find_envoy_binary, render_bootstrap
-from autotune.targets.local.upstream import UpstreamProcess
+from autotune.targets.local._envoy import EnvoyProcess, find_envoy_binary, render_bootstrap
+from autotune.targets.local._upstream import UpstreamProcess
 
 logger = logging.getLogger(__name__)
 

@@ -9,21 +9,18 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from autotune.errors import SpecError
-from autotune.params import PARAMETERS, ParamInfo
-from autotune.quantity import format_cpu, parse_cpu, parse_memory
+from autotune.mesh import PARAMETERS, ParamInfo, ServiceRef, SidecarResources, format_cpu, parse_cpu
 
 DEFAULT_STORAGE = "sqlite:///trials/autotune.db"
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)?\s*$")
@@ -58,46 +55,6 @@ class StudySettings(_Model):
     trials: int = Field(default=10, ge=1, le=10000)
     seed: int | None = None
     results_dir: str = "trials"
-
-
-class ServiceRef(_Model):
-    """The service whose client sidecars are tuned; names appear in the generated manifests."""
-
-    name: str = "backend"
-    namespace: str = "staging"
-    host: str = ""
-    port: int = Field(default=8080, ge=1, le=65535)
-    destination_rule: str | None = None
-
-    @model_validator(mode="after")
-    def _default_host(self) -> ServiceRef:
-        if not self.host:
-            object.__setattr__(self, "host", f"{self.name}.{self.namespace}.svc.cluster.local")
-        return self
-
-
-class SidecarResources(_Model):
-    """The sidecar resources that are not tuned but must be written with the CPU limit
-    (Istio drops all its defaults once one resource annotation is set)."""
-
-    cpu_request: str = "100m"
-    memory_request: str = "128Mi"
-    memory_limit: str = "1024Mi"
-
-    @field_validator("cpu_request")
-    @classmethod
-    def _cpu(cls, v: str) -> str:
-        return format_cpu(parse_cpu(v))
-
-    @field_validator("memory_request", "memory_limit")
-    @classmethod
-    def _mem(cls, v: str) -> str:
-        parse_memory(v)
-        return v
-
-    @property
-    def cpu_request_cores(self) -> float:
-        return parse_cpu(self.cpu_request)
 
 
 class ParamRange(_Model):
@@ -295,7 +252,7 @@ class StudySpec(_Model):
         if self.load.locustfile:
             p = Path(self.load.locustfile)
             return p if p.is_absolute() else Path(self.source).parent / p
-        return Path(__file__).parent / "load" / "locustfile.py"
+        return Path(__file__).parents[1] / "load" / "locustfile.py"
 
     def with_overrides(self, **changes: Any) -> StudySpec:
         """A copy with dotted-path overrides, e.g. ``{"study.trials": 3, "load.duration": 5}``,
@@ -400,39 +357,3 @@ def parse_spec(data: Any, source: str = "<memory>") -> StudySpec:
     if problems or spec is None:
         raise SpecError(source, problems)
     return spec
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicated mapping keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        line = key_node.start_mark.line + 1
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicated key {key!r} (first at line {seen[key]})", key_node.start_mark
-            )
-        seen[key] = line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a spec file. Raises ``SpecError`` naming the file, field path and rule."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(str(p), [f"cannot read the file: {exc.strerror}"]) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise SpecError(str(p), [f"YAML syntax at {where}: {exc.problem}"]) from None
-    return parse_spec(data, str(p))

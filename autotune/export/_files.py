@@ -1,4 +1,4 @@
-"""Study records: ``trials.csv``, ``pareto.csv`` and ready-to-apply manifests per Pareto config."""
+"""Exports of a study: ``trials.csv``, ``pareto.csv``, ``pareto.html`` and ready-to-apply manifests."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.params import PARAMETERS, MeshConfig
-from autotune.quantity import format_cpu
+from autotune.mesh import PARAMETERS, MeshConfig, format_cpu
 from autotune.spec import StudySpec
+from autotune.study import baseline_trial, pareto_trials
 
 METRIC_COLUMNS = [
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "cpu_reserved_cores",
@@ -64,40 +63,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible completed trials that no other feasible trial dominates, sorted by the first
-    objective. Computed here rather than with ``study.best_trials`` so feasibility is ours for
-    every sampler (Optuna's random sampler records no constraints)."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("feasible") and t.values is not None
-              and not t.user_attrs.get("drift_check")]  # re-measurements of the baseline
-    if not trials:
-        return []
-    sign = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
-                     for d in study.directions])
-    values = np.array([t.values for t in trials], dtype=float) * sign
-    front = []
-    for i, v in enumerate(values):
-        dominated = np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1))
-        if not dominated:
-            front.append(trials[i])
-    return sorted(front, key=lambda t: (t.values[0], t.number))
-
-
-def baseline_trial(study: optuna.Study, *, first: bool = False, near: int | None = None) -> FrozenTrial | None:
-    """A completed Istio-default baseline measurement: the latest, the ``first``, or the one
-    nearest to trial number ``near`` (what a trial is compared with, so drift cancels out)."""
-    base = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("baseline")]
-    if not base:
-        return None
-    if first:
-        return base[0]
-    if near is not None:
-        return min(base, key=lambda t: (abs(t.number - near), t.number))
-    return base[-1]
-
-
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The feasible Pareto front with, per objective, the change against the nearest baseline
     in %, and, once confirmation ran, whether each config is confirmed with the interval of
@@ -126,6 +91,16 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
         row["confirmation_note"] = (entry or {}).get("reason")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def front_with_baseline(study: optuna.Study) -> pd.DataFrame:
+    """``pareto_frame`` plus, when the first baseline is not on the front, its row below the front
+    for reference (what the terminal table shows). Empty when no trial is feasible."""
+    frame = pareto_frame(study)
+    base = baseline_trial(study, first=True)
+    if frame.empty or base is None or frame["baseline"].any():
+        return frame
+    return pd.concat([frame, pd.DataFrame([trial_row(base)])], ignore_index=True)
 
 
 @dataclass(frozen=True)

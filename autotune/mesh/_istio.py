@@ -1,10 +1,6 @@
-"""The one place that knows how a trial's settings become Istio objects and Envoy fields.
-
-(a) What a user applies: a ``networking.istio.io/v1`` DestinationRule and the Deployment's
-    pod-template annotations (``proxy.istio.io/config`` and the four ``sidecar.istio.io/proxy*``).
-(b) What Istio 1.30 generates from them for the client sidecar's outbound cluster
-    (``pilot/pkg/networking/core/cluster_traffic_policy.go``), used by the local target.
-Source of truth: ``shared/reference/istio-mapping.md`` §1a–1c.
+"""What a user applies for a config: a ``networking.istio.io/v1`` DestinationRule and the
+Deployment's pod-template annotations (``proxy.istio.io/config`` and the four
+``sidecar.istio.io/proxy*``). Source of truth: ``shared/reference/istio-mapping.md`` §1a–1c.
 """
 
 from __future__ import annotations
@@ -13,23 +9,15 @@ from typing import Any
 
 import yaml
 
-from autotune.params import ISTIO_UNSET_LIMIT, MeshConfig
-from autotune.quantity import format_cpu
-from autotune.spec import ServiceRef, SidecarResources
+from autotune.mesh._quantity import format_cpu
+from autotune.mesh._service import ServiceRef, SidecarResources
+from autotune.mesh._settings import MeshConfig
 
-#: Istio's mesh default ``connectTimeout`` (``pkg/config/mesh/mesh.go``), written on every cluster.
-DEFAULT_CONNECT_TIMEOUT = "10s"
-HPO_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ANN_PROXY_CONFIG = "proxy.istio.io/config"
 ANN_CPU = "sidecar.istio.io/proxyCPU"
 ANN_CPU_LIMIT = "sidecar.istio.io/proxyCPULimit"
 ANN_MEMORY = "sidecar.istio.io/proxyMemory"
 ANN_MEMORY_LIMIT = "sidecar.istio.io/proxyMemoryLimit"
-
-
-def cluster_name(service: ServiceRef) -> str:
-    """Istio's outbound cluster name for the service, e.g. ``outbound|8080||backend.demo.svc.cluster.local``."""
-    return f"outbound|{service.port}||{service.host}"
 
 
 def connection_pool(config: MeshConfig) -> dict[str, Any]:
@@ -92,51 +80,6 @@ def sidecar_annotations(config: MeshConfig, sidecar: SidecarResources) -> dict[s
 def deployment_patch(config: MeshConfig, sidecar: SidecarResources) -> dict[str, Any]:
     """A merge patch for the Deployment (``kubectl patch deployment NAME --type merge --patch-file …``)."""
     return {"spec": {"template": {"metadata": {"annotations": sidecar_annotations(config, sidecar)}}}}
-
-
-def envoy_cluster(config: MeshConfig, service: ServiceRef,
-                  endpoints: list[tuple[str, int]]) -> dict[str, Any]:
-    """The Envoy v3 ``Cluster`` Istio 1.30 emits for the client sidecar's outbound cluster,
-    with STATIC endpoints standing in for EDS."""
-    name = cluster_name(service)
-
-    def limit(value: int | None) -> int:
-        return value if value is not None else ISTIO_UNSET_LIMIT
-
-    hpo: dict[str, Any] = {
-        "@type": f"type.googleapis.com/{HPO_KEY}",
-        "explicit_http_config": {"http_protocol_options": {}},  # h2UpgradePolicy DO_NOT_UPGRADE
-    }
-    if config.max_requests_per_connection is not None:
-        hpo["common_http_protocol_options"] = {
-            "max_requests_per_connection": config.max_requests_per_connection
-        }
-    return {
-        "name": name,
-        "alt_stat_name": f"{name};",
-        "type": "STATIC",
-        "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
-        "lb_policy": "LEAST_REQUEST",
-        "circuit_breakers": {
-            "thresholds": [{
-                "max_connections": limit(config.max_connections),
-                "max_pending_requests": limit(config.http1_max_pending_requests),
-                "max_requests": limit(config.http2_max_requests),
-                "max_retries": limit(config.max_retries),
-                "track_remaining": False,
-            }]
-        },
-        "typed_extension_protocol_options": {HPO_KEY: hpo},
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{
-                "lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-                    for host, port in endpoints
-                ]
-            }],
-        },
-    }
 
 
 def to_yaml(obj: dict[str, Any]) -> str:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from autotune.errors import TargetError, TrialFailed
-from autotune.targets.local.cgroup import CpuCgroup
-from autotune.targets.local.upstream import _terminate
+from autotune.targets.local._cgroup import CpuCgroup
+from autotune.targets.local._upstream import _terminate
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from autotune.params import MeshConfig
+from autotune.mesh import MeshConfig
 
 
 @dataclass(frozen=True)

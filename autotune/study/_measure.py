@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.load import LoadResult, run_load_windows
-from autotune.noise import aggregate
-from autotune.params import MeshConfig
-from autotune.progress import NullObserver, Observer
+from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
+from autotune.study._progress import NullObserver, Observer
+from autotune.study._stats import aggregate
 from autotune.targets import ProxyUsage, Target
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from autotune.quantity import format_cpu
+from autotune.mesh._quantity import format_cpu
 
 #: Istio writes this for every unset circuit-breaker limit (2^32 - 1).
 ISTIO_UNSET_LIMIT = 4294967295

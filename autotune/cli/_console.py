@@ -15,9 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from autotune.objectives import METRIC_LABELS
-from autotune.params import MeshConfig
-from autotune.progress import TrialOutcome
+from autotune.mesh import MeshConfig
+from autotune.study import METRIC_LABELS, TrialOutcome
 
 console = Console(stderr=False, highlight=False)
 

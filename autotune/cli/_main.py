@@ -10,16 +10,13 @@ from typing import Any, TypeVar
 
 import click
 import optuna
-import pandas as pd
 
-from autotune import records
-from autotune.console import RichObserver, console, metrics_table, pareto_table, setup_logging
+from autotune.cli._console import RichObserver, console, metrics_table, pareto_table, setup_logging
 from autotune.errors import AutotuneError
-from autotune.params import PARAMETERS, MeshConfig
-from autotune.quantity import parse_cpu
+from autotune.export import export_study, front_with_baseline, pareto_frame, results_dir
+from autotune.mesh import PARAMETERS, MeshConfig, parse_cpu
 from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec
-from autotune.storage import make_storage, redact
-from autotune.study import run_single, run_study
+from autotune.study import make_storage, redact, run_single, run_study
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -99,8 +96,9 @@ def study_start(spec_path: Path, **opts: Any) -> None:
         console.print("[yellow]Interrupted.[/] The target is back at its baseline; run the same "
                       "command again to continue the study.")
         sys.exit(130)
+    export_study(st, results_dir(spec))
     _print_pareto(st)
-    console.print(f"results: {records.results_dir(spec)}/ (trials.csv, pareto.csv, manifests)")
+    console.print(f"results: {results_dir(spec)}/ (trials.csv, pareto.csv, manifests)")
 
 
 @study.command("list")
@@ -129,15 +127,11 @@ def _load(name: str, storage: str) -> optuna.Study:
 
 def _print_pareto(st: optuna.Study) -> None:
     objectives: list[str] = st.user_attrs.get("objectives", [])
-    frame = records.pareto_frame(st)
+    frame = front_with_baseline(st)
     if frame.empty:
         console.print("[yellow]No feasible trial yet:[/] every measured config broke a constraint "
                       "or failed. See trials.csv for the reasons.")
         return
-    base = records.baseline_trial(st, first=True)
-    if base is not None and not frame["baseline"].any():
-        # The baseline is dominated: show it below the front for reference.
-        frame = pd.concat([frame, pd.DataFrame([records.trial_row(base)])], ignore_index=True)
     console.print(pareto_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))
 
 
@@ -151,9 +145,9 @@ def pareto(name: str, storage: str, fmt: str) -> None:
     if fmt == "table":
         _print_pareto(st)
     elif fmt == "csv":
-        click.echo(records.pareto_frame(st).to_csv(index=False), nl=False)
+        click.echo(pareto_frame(st).to_csv(index=False), nl=False)
     else:
-        click.echo(records.pareto_frame(st).to_json(orient="records", indent=2))
+        click.echo(pareto_frame(st).to_json(orient="records", indent=2))
 
 
 @main.command()
@@ -162,7 +156,7 @@ def pareto(name: str, storage: str, fmt: str) -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def export(name: str, storage: str, out: Path) -> None:
     """Write trials.csv, pareto.csv and per-Pareto-config manifests of study NAME to --out."""
-    result = records.export_study(_load(name, storage), out)
+    result = export_study(_load(name, storage), out)
     console.print(f"wrote {result.trials_csv}, {result.pareto_csv} and "
                   f"{len(result.manifest_dirs)} manifest folder(s)")
 

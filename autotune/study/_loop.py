@@ -10,17 +10,17 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from autotune import mapping, records
-from autotune.confirm import confirm_front
 from autotune.errors import AutotuneError, TrialFailed
-from autotune.objectives import CONSTRAINT_NAMES, constraint_values, objective_values, violations
-from autotune.params import PARAMETERS, MeshConfig
-from autotune.progress import NullObserver, Observer, TrialOutcome
-from autotune.samplers import make_sampler
+from autotune.mesh import PARAMETERS, MeshConfig, deployment_patch, destination_rule, to_yaml
 from autotune.spec import SearchParam, StudySpec
-from autotune.storage import make_storage
+from autotune.study._confirm import confirm_front
+from autotune.study._front import baseline_trial, pareto_trials
+from autotune.study._measure import Measurement, measure_config
+from autotune.study._objectives import CONSTRAINT_NAMES, constraint_values, objective_values, violations
+from autotune.study._progress import NullObserver, Observer, TrialOutcome
+from autotune.study._sampler import make_sampler
+from autotune.study._storage import make_storage
 from autotune.targets import Target, make_target
-from autotune.trial import Measurement, measure_config
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"
@@ -150,9 +150,9 @@ class _Objective:
         trial.set_user_attr("config", config.to_params())
         trial.set_user_attr("envoy_concurrency", config.effective_concurrency)
         trial.set_user_attr("destinationrule.yaml",
-                            mapping.to_yaml(mapping.destination_rule(config, self.spec.service)))
+                            to_yaml(destination_rule(config, self.spec.service)))
         trial.set_user_attr("deployment-patch.yaml",
-                            mapping.to_yaml(mapping.deployment_patch(config, self.spec.sidecar)))
+                            to_yaml(deployment_patch(config, self.spec.sidecar)))
 
     def _record(self, trial: Trial, m: Measurement) -> None:
         for key, value in m.metrics.items():
@@ -173,7 +173,7 @@ class _Objective:
 
     def _check_drift(self, trial: Trial, metrics: dict[str, float]) -> None:
         """Compare a baseline re-measurement with the first baseline; report drift past the threshold."""
-        first = records.baseline_trial(trial.study, first=True)
+        first = baseline_trial(trial.study, first=True)
         if first is None or not first.user_attrs.get("latency_p95_ms"):
             return
         before, now = float(first.user_attrs["latency_p95_ms"]), metrics["latency_p95_ms"]
@@ -206,13 +206,13 @@ def outcome_of(trial: FrozenTrial) -> TrialOutcome:
 
 
 def run_study(spec: StudySpec, observer: Observer | None = None,
-              target: Target | None = None, export: bool = True) -> optuna.Study:
+              target: Target | None = None) -> optuna.Study:
     """Run (or continue) the spec's study until its trial budget is used.
 
     The Istio-default baseline is measured first. A failed trial is recorded FAIL with its reason,
     the target is restored and the study goes on. On Ctrl-C (KeyboardInterrupt) the load is
     stopped, the target restored and closed, and the exception re-raised; running again resumes.
-    Results are exported to ``<results_dir>/<study name>/`` at the end.
+    Writes no files: exports are ``autotune.export``'s job.
     """
     obs = observer or NullObserver()
     study = open_study(spec)
@@ -227,7 +227,7 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
 
         def after_trial(st: optuna.Study, t: FrozenTrial) -> None:
             if t.user_attrs.get("fail_reason") != INTERRUPTED:
-                obs.trial_finished(outcome_of(t), [outcome_of(p) for p in records.pareto_trials(st)])
+                obs.trial_finished(outcome_of(t), [outcome_of(p) for p in pareto_trials(st)])
             if counted_trials(st) >= total:
                 st.stop()
             elif _drift_check_due(st, spec.measurement.drift_every):
@@ -242,8 +242,6 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
                 confirm_front(study, spec, tgt, obs)
         finally:
             tgt.close()
-    if export:
-        records.export_study(study, records.results_dir(spec))
     return study
 
 

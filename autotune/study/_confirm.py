@@ -16,15 +16,15 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from autotune import records
 from autotune.errors import AutotuneError, TrialFailed
-from autotune.noise import paired_change
-from autotune.objectives import violations
-from autotune.params import MeshConfig
-from autotune.progress import NullObserver, Observer
+from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
+from autotune.study._front import pareto_trials
+from autotune.study._measure import measure_config
+from autotune.study._objectives import violations
+from autotune.study._progress import NullObserver, Observer
+from autotune.study._stats import paired_change
 from autotune.targets import Target
-from autotune.trial import measure_config
 
 log = logging.getLogger(__name__)
 ATTR = "confirmation"
@@ -32,7 +32,7 @@ ATTR = "confirmation"
 
 def candidates(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
     """The Pareto configs to confirm (not the baseline itself), best first objective first."""
-    front = [t for t in records.pareto_trials(study) if not t.user_attrs.get("baseline")]
+    front = [t for t in pareto_trials(study) if not t.user_attrs.get("baseline")]
     return front[: spec.measurement.confirm_max_configs]
 
 

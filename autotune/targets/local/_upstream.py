@@ -4,7 +4,7 @@ Each endpoint answers any request with ``200`` and a fixed body after sleeping t
 the event loop (no CPU burned), so the upstreams do not compete with the proxy for CPU.
 
 Run one:
-``python -m autotune.targets.local.upstream --port 0 --service-time-ms 5 --response-bytes 128``
+``python -m autotune.targets.local._upstream --port 0 --service-time-ms 5 --response-bytes 128``
 It prints ``PORT <n>`` on stdout once it listens, exits on SIGTERM/SIGINT, and with
 ``--exit-on-stdin-eof`` also when its stdin closes (so it never outlives its parent).
 ``UpstreamProcess`` starts and stops one from Python.
@@ -229,7 +229,7 @@ class UpstreamProcess:
         pkg_root = str(Path(__file__).resolve().parents[3])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "autotune.targets.local.upstream", "--port", "0",
+        cmd = [sys.executable, "-m", "autotune.targets.local._upstream", "--port", "0",
                "--service-time-ms", str(self.service_time_ms),
                "--response-bytes", str(self.response_bytes), "--exit-on-stdin-eof"]
         log_path = self._log_dir / f"upstream-{len(list(self._log_dir.glob('upstream-*')))}.log"

@@ -1,0 +1,28 @@
+"""Exports of a finished (or running) study, outside the loop: CSV tables, the Pareto plot and
+ready-to-apply manifests per Pareto config."""
+
+from __future__ import annotations
+
+from autotune.export._files import (
+    MANIFESTS,
+    METRIC_COLUMNS,
+    Exported,
+    export_study,
+    front_with_baseline,
+    pareto_frame,
+    results_dir,
+    trial_row,
+    trials_frame,
+)
+
+__all__ = [
+    "MANIFESTS",
+    "METRIC_COLUMNS",
+    "Exported",
+    "export_study",
+    "front_with_baseline",
+    "pareto_frame",
+    "results_dir",
+    "trial_row",
+    "trials_frame",
+]

@@ -1,0 +1,65 @@
+"""The study loop: propose a config, measure it on a target under a load, record it, confirm the front.
+
+Public pieces: ``run_study`` / ``run_single`` (the loop), ``measure_config`` (one measurement),
+``confirm_front`` (interleaved re-measurement of the front), the front and baseline queries, the
+statistics, the objectives and constraints, samplers and storage, and the ``Observer`` protocol.
+"""
+
+from __future__ import annotations
+
+from autotune.study._confirm import confirm_front
+from autotune.study._front import baseline_trial, pareto_trials
+from autotune.study._loop import (
+    INTERRUPTED,
+    config_of,
+    counted_trials,
+    open_study,
+    outcome_of,
+    run_single,
+    run_study,
+    suggest,
+)
+from autotune.study._measure import Measurement, measure_config
+from autotune.study._objectives import (
+    CONSTRAINT_NAMES,
+    METRIC_LABELS,
+    constraint_values,
+    objective_values,
+    violations,
+)
+from autotune.study._progress import NullObserver, Observer, TrialOutcome
+from autotune.study._sampler import make_sampler
+from autotune.study._stats import Change, aggregate, cv, paired_change
+from autotune.study._storage import make_storage, redact, resolve_url
+
+__all__ = [
+    "CONSTRAINT_NAMES",
+    "INTERRUPTED",
+    "METRIC_LABELS",
+    "Change",
+    "Measurement",
+    "NullObserver",
+    "Observer",
+    "TrialOutcome",
+    "aggregate",
+    "baseline_trial",
+    "config_of",
+    "confirm_front",
+    "constraint_values",
+    "counted_trials",
+    "cv",
+    "make_sampler",
+    "make_storage",
+    "measure_config",
+    "objective_values",
+    "open_study",
+    "outcome_of",
+    "paired_change",
+    "pareto_trials",
+    "redact",
+    "resolve_url",
+    "run_single",
+    "run_study",
+    "suggest",
+    "violations",
+]

@@ -1,0 +1,41 @@
+"""The study's queries about its own trials: the feasible Pareto front and the baseline measurements."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible completed trials that no other feasible trial dominates, sorted by the first
+    objective. Computed here rather than with ``study.best_trials`` so feasibility is ours for
+    every sampler (Optuna's random sampler records no constraints)."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.user_attrs.get("feasible") and t.values is not None
+              and not t.user_attrs.get("drift_check")]  # re-measurements of the baseline
+    if not trials:
+        return []
+    sign = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
+                     for d in study.directions])
+    values = np.array([t.values for t in trials], dtype=float) * sign
+    front = []
+    for i, v in enumerate(values):
+        dominated = np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1))
+        if not dominated:
+            front.append(trials[i])
+    return sorted(front, key=lambda t: (t.values[0], t.number))
+
+
+def baseline_trial(study: optuna.Study, *, first: bool = False, near: int | None = None) -> FrozenTrial | None:
+    """A completed Istio-default baseline measurement: the latest, the ``first``, or the one
+    nearest to trial number ``near`` (what a trial is compared with, so drift cancels out)."""
+    base = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("baseline")]
+    if not base:
+        return None
+    if first:
+        return base[0]
+    if near is not None:
+        return min(base, key=lambda t: (abs(t.number - near), t.number))
+    return base[-1]
