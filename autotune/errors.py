@@ -2,6 +2,36 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class FailReason(StrEnum):
+    """Why a trial failed: the one list of reasons a study records on a FAIL trial (``fail_reason``).
+
+    The values are what ``trials.csv`` and the dashboard show.
+    """
+
+    #: Envoy (local) would not start or exited while starting.
+    PROXY_START = "proxy-start"
+    #: The applied config never served traffic within the ready timeout.
+    NOT_READY = "not-ready"
+    #: A rollout failed (ReplicaFailure, ProgressDeadlineExceeded) or timed out (Kubernetes).
+    ROLLOUT_FAILED = "rollout-failed"
+    #: The API server refused the config (HTTP 400/422: schema, strict decoding, webhook).
+    REJECTED = "rejected"
+    #: Another API error (403, 404, 5xx, conflict twice).
+    API = "api"
+    #: The API server did not answer in time.
+    API_TIMEOUT = "api-timeout"
+    #: The load generator failed: did not start, died, timed out, or recorded nothing.
+    LOAD = "load"
+    #: The metrics backend (Prometheus) had no data or failed for the window.
+    METRICS = "metrics"
+    #: No request succeeded, so there is no latency to optimize.
+    NO_SUCCESS = "no-success"
+    #: Ctrl-C or SIGTERM during the trial; it does not count against the budget and is re-run.
+    INTERRUPTED = "interrupted"
+
 
 class AutotuneError(Exception):
     """Root of every error autotune raises on purpose. The CLI prints it as ``Error: …``."""
@@ -18,13 +48,12 @@ class SpecError(AutotuneError):
 
 
 class TrialFailed(AutotuneError):
-    """One trial could not be measured. ``reason`` is a short machine-friendly tag
-    (``proxy-start``, ``not-ready``, ``load``, ``timeout``, …) and the message says what happened.
-    The study records the trial as FAIL with both and goes on."""
+    """One trial could not be measured. ``reason`` says why (``FailReason``) and the message says
+    what happened. The study records the trial as FAIL with both and goes on."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(f"{reason}: {message}")
+    def __init__(self, reason: FailReason, message: str) -> None:
+        self.reason = FailReason(reason)
+        super().__init__(f"{self.reason}: {message}")
 
 
 class TargetError(AutotuneError):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from _specs import small_spec
-from autotune.errors import TrialFailed
+from autotune.errors import FailReason, TrialFailed
 from autotune.export import export_study, results_dir
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
@@ -121,7 +121,7 @@ class _NeverReadyOnce(LocalTarget):
     def wait_ready(self, timeout_s: float) -> None:
         if self.applied != MeshConfig() and not self.failed:
             self.failed = True
-            raise TrialFailed("not-ready", "proxy did not become ready within 0s (simulated)")
+            raise TrialFailed(FailReason.NOT_READY, "proxy did not become ready within 0s (simulated)")
         super().wait_ready(timeout_s)
 
     def restore(self) -> None:

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import numpy.typing as npt
 
-from autotune.errors import TrialFailed
+from autotune.errors import FailReason, TrialFailed
 from autotune.load._result import LoadResult
 from autotune.spec import LoadSpec
 
@@ -133,7 +133,7 @@ def run_load_windows(
     ``timeout_s`` bounds the whole run (default: warm-up + duration + 60 s).
 
     Any URL is accepted here (the caller guards the target; see :func:`check_loopback`).
-    Raises ``TrialFailed("load", …)`` (with the tail of Locust's stderr) if Locust does not
+    Raises ``TrialFailed(FailReason.LOAD, …)`` (with the tail of Locust's stderr) if Locust does not
     start, dies, exits non-zero, runs out of time or records no request. On any exception,
     ``KeyboardInterrupt`` included, Locust's whole process group is killed before re-raising;
     the temporary directory is always removed. Unreachable targets are *not* a failure: their
@@ -141,7 +141,7 @@ def run_load_windows(
     """
     _host_of(url)
     if not locustfile.is_file():
-        raise TrialFailed("load", f"locustfile not found: {locustfile}")
+        raise TrialFailed(FailReason.LOAD, f"locustfile not found: {locustfile}")
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
     budget = timeout_s if timeout_s is not None else load.warmup + windows * load.duration + 60.0
@@ -246,12 +246,12 @@ def _tail(stderr_path: Path) -> str:
 def _check_alive(proc: subprocess.Popen[bytes], stderr_path: Path, when: str) -> None:
     code = proc.poll()
     if code is not None:
-        raise TrialFailed("load", f"Locust exited with code {code} {when}. {_tail(stderr_path)}")
+        raise TrialFailed(FailReason.LOAD, f"Locust exited with code {code} {when}. {_tail(stderr_path)}")
 
 
 def _check_deadline(deadline: float, stderr_path: Path, when: str) -> None:
     if time.monotonic() > deadline:
-        raise TrialFailed("load", f"the load run timed out {when}. {_tail(stderr_path)}")
+        raise TrialFailed(FailReason.LOAD, f"the load run timed out {when}. {_tail(stderr_path)}")
 
 
 def _wait_for_marker(
@@ -264,11 +264,11 @@ def _wait_for_marker(
             try:
                 return float(json.loads(marker.read_text())["start"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise TrialFailed("load", f"unreadable start marker {marker}: {exc}") from None
+                raise TrialFailed(FailReason.LOAD, f"unreadable start marker {marker}: {exc}") from None
         _check_alive(proc, stderr_path, "before the test started")
         if time.monotonic() > limit:
             raise TrialFailed(
-                "load",
+                FailReason.LOAD,
                 "Locust did not start the test in time (a custom locustfile must "
                 "`import autotune.load.locustfile` to be measured). " + _tail(stderr_path),
             )
@@ -304,11 +304,11 @@ def _stop(proc: subprocess.Popen[bytes], stderr_path: Path, deadline: float) -> 
         code = proc.wait(timeout=wait)
     except subprocess.TimeoutExpired:
         raise TrialFailed(
-            "load",
+            FailReason.LOAD,
             f"Locust did not exit within {wait:.0f} s of being stopped. {_tail(stderr_path)}",
         ) from None
     if code != 0:
-        raise TrialFailed("load", f"Locust exited with code {code}. {_tail(stderr_path)}")
+        raise TrialFailed(FailReason.LOAD, f"Locust exited with code {code}. {_tail(stderr_path)}")
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -332,7 +332,7 @@ def _read_records(path: Path, stderr_path: Path) -> _Records:
     try:
         blob = path.read_bytes()
     except OSError:
-        raise TrialFailed("load", f"Locust wrote no results. {_tail(stderr_path)}") from None
+        raise TrialFailed(FailReason.LOAD, f"Locust wrote no results. {_tail(stderr_path)}") from None
     try:
         head_end = blob.index(b"\n")
         header = json.loads(blob[:head_end])
@@ -348,11 +348,11 @@ def _read_records(path: Path, stderr_path: Path) -> _Records:
         off += 4 * n
         failed = np.frombuffer(blob, dtype=np.uint8, count=n, offset=off)
     except (ValueError, KeyError, TypeError) as exc:
-        raise TrialFailed("load", f"unreadable Locust results: {exc}") from None
+        raise TrialFailed(FailReason.LOAD, f"unreadable Locust results: {exc}") from None
     if n == 0:
-        raise TrialFailed("load", f"Locust recorded no requests. {_tail(stderr_path)}")
+        raise TrialFailed(FailReason.LOAD, f"Locust recorded no requests. {_tail(stderr_path)}")
     if header.get("truncated"):
-        raise TrialFailed("load", f"more than {n} requests: the record buffer overflowed")
+        raise TrialFailed(FailReason.LOAD, f"more than {n} requests: the record buffer overflowed")
     return _Records(
         ends=ends.astype(np.float64),
         latencies_ms=lat.astype(np.float64),

@@ -37,7 +37,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
-from autotune.errors import TargetError, TrialFailed
+from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.spec import PrometheusSpec
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,13 @@ class PrometheusReader:
         return self._required(promql, end, " (no requests in the window?)")
 
     def _required(self, promql: str, at: float, hint: str = "") -> float:
-        """The query's single value at ``at``; ``TrialFailed('metrics', …)`` naming the query if
+        """The query's single value at ``at``; ``TrialFailed(FailReason.METRICS, …)`` naming the query if
         there is no data or the value is not a number."""
         value = self._value(promql, at)
         if value is None:
-            raise TrialFailed("metrics", f"query returned no data: {promql}")
+            raise TrialFailed(FailReason.METRICS, f"query returned no data: {promql}")
         if not math.isfinite(value):
-            raise TrialFailed("metrics", f"query returned {value}{hint}: {promql}")
+            raise TrialFailed(FailReason.METRICS, f"query returned {value}{hint}: {promql}")
         return value
 
     def settled_at(self, end: float) -> float:
@@ -193,12 +193,13 @@ class PrometheusReader:
             try:
                 token = Path(self.spec.token_file).read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise TrialFailed("metrics", f"cannot read the Prometheus token file {self.spec.token_file}: "
+                raise TrialFailed(FailReason.METRICS, f"cannot read the Prometheus token file {self.spec.token_file}: "
                                              f"{exc.strerror}") from None
         elif self.spec.token_env:
             token = os.environ.get(self.spec.token_env, "").strip()
             if not token:
-                raise TrialFailed("metrics", f"the Prometheus token variable {self.spec.token_env} is unset or empty")
+                raise TrialFailed(FailReason.METRICS,
+                                  f"the Prometheus token variable {self.spec.token_env} is unset or empty")
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _value(self, promql: str, at: float) -> float | None:
@@ -206,7 +207,7 @@ class PrometheusReader:
         if not result:
             return None
         if len(result) != 1:
-            raise TrialFailed("metrics", f"query returned {len(result)} series, expected one: {promql}")
+            raise TrialFailed(FailReason.METRICS, f"query returned {len(result)} series, expected one: {promql}")
         value = _sample_value(result[0])
         log.debug("prometheus %s @%.3f = %s", promql, at, value)
         return value
@@ -222,16 +223,16 @@ class PrometheusReader:
                                    timeout=self.spec.timeout) as prom:  # type: ignore[arg-type]
                 return prom.custom_query(promql, params=params)
         except PrometheusApiClientException as exc:
-            raise TrialFailed("metrics", f"Prometheus at {self.url} rejected the query "
+            raise TrialFailed(FailReason.METRICS, f"Prometheus at {self.url} rejected the query "
                                          f"({_api_error(str(exc))}): {promql}") from None
         except requests.exceptions.JSONDecodeError:
-            raise TrialFailed("metrics", f"{self.url} does not look like Prometheus "
+            raise TrialFailed(FailReason.METRICS, f"{self.url} does not look like Prometheus "
                                          f"(its answer to /api/v1/query is not JSON)") from None
         except (KeyError, TypeError):
-            raise TrialFailed("metrics", f"{self.url} does not look like Prometheus "
+            raise TrialFailed(FailReason.METRICS, f"{self.url} does not look like Prometheus "
                                          f"(its answer to /api/v1/query has no data.result)") from None
         except requests.exceptions.RequestException as exc:
-            raise TrialFailed("metrics", f"Prometheus at {self.url} unreachable: {_describe(exc)}") from None
+            raise TrialFailed(FailReason.METRICS, f"Prometheus at {self.url} unreachable: {_describe(exc)}") from None
 
 
 def _sample_value(sample: dict[str, Any]) -> float:
@@ -239,7 +240,7 @@ def _sample_value(sample: dict[str, Any]) -> float:
     try:
         return float(sample["value"][1])
     except (KeyError, IndexError, TypeError, ValueError):
-        raise TrialFailed("metrics", f"unexpected sample from Prometheus: {sample!r:.200}") from None
+        raise TrialFailed(FailReason.METRICS, f"unexpected sample from Prometheus: {sample!r:.200}") from None
 
 
 _STATUS_RE = re.compile(r"HTTP Status Code (\d+) \((.*)\)$", re.S)

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from autotune.errors import AutotuneError, TrialFailed
+from autotune.errors import AutotuneError, FailReason, TrialFailed
 from autotune.mesh import PARAMETERS, MeshConfig, deployment_patch, destination_rule, to_yaml
 from autotune.spec import SearchParam, StudySpec
 from autotune.study._confirm import confirm_front
@@ -23,7 +23,7 @@ from autotune.study._storage import make_storage
 from autotune.targets import Target, make_target
 
 log = logging.getLogger(__name__)
-INTERRUPTED = "interrupted"
+INTERRUPTED = FailReason.INTERRUPTED.value
 #: Metrics whose per-window values and spread are recorded on each trial.
 SPREAD_KEYS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "achieved_rps",
                "throughput_ratio", "error_rate")
@@ -136,7 +136,7 @@ class _Objective:
             try:
                 values = objective_values(self.spec.objectives, measured.metrics)
             except ValueError as exc:
-                raise TrialFailed("no-success", str(exc)) from None
+                raise TrialFailed(FailReason.NO_SUCCESS, str(exc)) from None
         except TrialFailed as exc:
             self._fail(trial, config, exc.reason, str(exc))
             raise

@@ -77,7 +77,7 @@ class Target(ABC):
 
     @abstractmethod
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until the applied config serves traffic; ``TrialFailed('not-ready', …)`` after timeout."""
+        """Block until the applied config serves traffic; ``TrialFailed(FailReason.NOT_READY, …)`` after timeout."""
 
     @property
     @abstractmethod

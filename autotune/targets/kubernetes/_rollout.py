@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from autotune.errors import TrialFailed
+from autotune.errors import FailReason, TrialFailed
 
 TIMED_OUT_REASON = "ProgressDeadlineExceeded"
 
@@ -55,8 +55,8 @@ def wait_for_rollout(read: Callable[[], dict[str, Any]], min_generation: int, ti
                      poll_s: float) -> dict[str, Any]:
     """Poll ``read`` until the rollout of ``min_generation`` (or later) is done; return the last read.
 
-    Raises ``TrialFailed('rollout-failed', condition message)`` at once on ``ReplicaFailure`` or
-    ``ProgressDeadlineExceeded``, ``TrialFailed('not-ready', last state)`` after ``timeout_s``.
+    Raises ``TrialFailed(FailReason.ROLLOUT_FAILED, condition message)`` at once on ``ReplicaFailure`` or
+    ``ProgressDeadlineExceeded``, ``TrialFailed(FailReason.NOT_READY, last state)`` after ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -64,11 +64,11 @@ def wait_for_rollout(read: Callable[[], dict[str, Any]], min_generation: int, ti
         try:
             done, why = rollout_state(dep, min_generation)
         except RolloutFailed as exc:
-            raise TrialFailed("rollout-failed", str(exc)) from None
+            raise TrialFailed(FailReason.ROLLOUT_FAILED, str(exc)) from None
         if done:
             return dep
         if time.monotonic() >= deadline:
             name = (dep.get("metadata") or {}).get("name")
-            raise TrialFailed("not-ready", f"deployment {name} did not finish rolling out generation "
+            raise TrialFailed(FailReason.NOT_READY, f"deployment {name} did not finish rolling out generation "
                               f"{min_generation} within {timeout_s:.0f}s ({why})")
         time.sleep(poll_s)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from autotune.errors import TargetError, TrialFailed
+from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.mesh import MeshConfig, destination_rule
 from autotune.spec import KubernetesTargetSpec, PrometheusSpec, ServiceRef, SidecarResources
 from autotune.targets._base import ProxyUsage, StateStore, Target
@@ -167,7 +167,7 @@ class KubernetesTarget(Target):
             if exc.status == 404:
                 msg = (f"the API server does not serve {DR_PLURAL}.{DR_GROUP}/v1 (404 for the API group): "
                        "Istio's CRDs are not installed in this cluster, or predate Istio 1.22 (v1)")
-                raise (TargetError(msg) if start else TrialFailed("api", msg)) from None
+                raise (TargetError(msg) if start else TrialFailed(FailReason.API, msg)) from None
             raise
 
     def _check_rbac(self, api: KubeApi, dr_exists: bool) -> None:
@@ -212,7 +212,8 @@ class KubernetesTarget(Target):
         try:
             yield
         except ApiCallFailed as exc:
-            reason = "rejected" if exc.status in (400, 422) else "api-timeout" if exc.status == 0 else "api"
+            reason = (FailReason.REJECTED if exc.status in (400, 422)
+                      else FailReason.API_TIMEOUT if exc.status == 0 else FailReason.API)
             raise TrialFailed(reason, exc.describe()) from None
 
     def _retry_conflict(self, step: Any) -> None:
@@ -226,8 +227,8 @@ class KubernetesTarget(Target):
 
     def apply(self, config: MeshConfig) -> None:
         """Merge-patch the DestinationRule (create it if absent) and, only if they change, the
-        managed pod-template annotations. Raises ``TrialFailed('rejected', server message)`` when
-        the API server refuses the config, ``TrialFailed('api', …)`` on other API errors."""
+        managed pod-template annotations. Raises ``TrialFailed(FailReason.REJECTED, server message)`` when
+        the API server refuses the config, ``TrialFailed(FailReason.API, …)`` on other API errors."""
         api = self._require_started()
         with self._trial_errors():
             self._retry_conflict(lambda: self._apply_dr(api, config))
@@ -272,8 +273,8 @@ class KubernetesTarget(Target):
         ``spec.rolloutTimeout``, a rolling restart being slower than ``timeout_s``); after a
         DestinationRule-only change, sleep ``spec.settle`` for the xDS push.
 
-        Raises ``TrialFailed('rollout-failed', condition message)`` at once on ``ReplicaFailure``
-        or ``ProgressDeadlineExceeded``, ``TrialFailed('not-ready', …)`` on timeout.
+        Raises ``TrialFailed(FailReason.ROLLOUT_FAILED, condition message)`` at once on ``ReplicaFailure``
+        or ``ProgressDeadlineExceeded``, ``TrialFailed(FailReason.NOT_READY, …)`` on timeout.
         """
         # Evidence would beat sleeping: each client sidecar's envoy_cluster_manager_cds_update_success
         # rising after the patch shows the push arrived. Left for later.

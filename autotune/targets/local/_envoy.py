@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from autotune.errors import TargetError, TrialFailed
+from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.targets.local._cgroup import CpuCgroup
 from autotune.targets.local._upstream import _terminate
 
@@ -106,8 +106,8 @@ class EnvoyProcess:
     def start(self, bootstrap: dict[str, Any], cgroup: CpuCgroup | None, timeout_s: float) -> None:
         """Start Envoy and wait until it serves.
 
-        Raises ``TrialFailed('proxy-start', <its last error lines>)`` if Envoy exits (e.g. it
-        rejects the config) and ``TrialFailed('not-ready', …)`` if it is not LIVE within ``timeout_s``;
+        Raises ``TrialFailed(FailReason.PROXY_START, <its last error lines>)`` if Envoy exits (e.g. it
+        rejects the config) and ``TrialFailed(FailReason.NOT_READY, …)`` if it is not LIVE within ``timeout_s``;
         the process is stopped in both cases (and on any other error or KeyboardInterrupt).
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ class EnvoyProcess:
                                          stderr=self._stderr, start_new_session=True)
         except OSError as exc:
             self.stop()
-            raise TrialFailed("proxy-start", f"cannot run {self.binary}: {exc.strerror}") from exc
+            raise TrialFailed(FailReason.PROXY_START, f"cannot run {self.binary}: {exc.strerror}") from exc
         try:
             if cgroup is not None:
                 cgroup.add_pid(self.proc.pid)
@@ -140,7 +140,7 @@ class EnvoyProcess:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise TrialFailed("proxy-start", f"envoy exited with code {self.proc.returncode}:\n"
+                raise TrialFailed(FailReason.PROXY_START, f"envoy exited with code {self.proc.returncode}:\n"
                                   + self.stderr_tail())
             if self.admin_url is None and admin_path.exists():
                 address = admin_path.read_text().strip()
@@ -151,7 +151,7 @@ class EnvoyProcess:
                 if self.listener_port is not None and _accepts("127.0.0.1", self.listener_port):
                     return
             if time.monotonic() > deadline:
-                raise TrialFailed("not-ready", f"envoy was not LIVE within {timeout_s:.0f}s:\n"
+                raise TrialFailed(FailReason.NOT_READY, f"envoy was not LIVE within {timeout_s:.0f}s:\n"
                                   + self.stderr_tail())
             time.sleep(0.02)
 

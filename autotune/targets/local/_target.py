@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from autotune.errors import TargetError, TrialFailed, UnsupportedParameter
+from autotune.errors import FailReason, TargetError, TrialFailed, UnsupportedParameter
 from autotune.mesh import MeshConfig, cluster_name, envoy_cluster
 from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef
 from autotune.targets._base import ProxyUsage, Target
@@ -125,7 +125,7 @@ class LocalTarget(Target):
         """Restart Envoy with ``config``: quota = ``effective_cpu_limit`` cores, workers =
         ``effective_concurrency``, the cluster from ``mapping.envoy_cluster``.
 
-        Raises ``TrialFailed('proxy-start', …)`` when Envoy rejects the config or exits.
+        Raises ``TrialFailed(FailReason.PROXY_START, …)`` when Envoy rejects the config or exits.
         """
         self._require_started()
         if config.cpu_limit is not None and self._cgroup is None:
@@ -170,19 +170,19 @@ class LocalTarget(Target):
     def wait_ready(self, timeout_s: float) -> None:
         """Return once a request through the listener gets the upstream's 200.
 
-        Raises ``TrialFailed('proxy-start', …)`` if Envoy died, ``TrialFailed('not-ready', …)``
+        Raises ``TrialFailed(FailReason.PROXY_START, …)`` if Envoy died, ``TrialFailed(FailReason.NOT_READY, …)``
         after ``timeout_s``.
         """
         self._require_started()
         envoy = self._envoy
         if envoy is None or envoy.proc is None:
-            raise TrialFailed("not-ready", "no proxy is running (the last apply failed)")
+            raise TrialFailed(FailReason.NOT_READY, "no proxy is running (the last apply failed)")
         deadline = time.monotonic() + timeout_s
         per_request = max(5.0, 2 * self.spec.upstream.service_time_ms / 1000 + 5)
         last = "no attempt"
         while True:
             if envoy.proc.poll() is not None:
-                raise TrialFailed("proxy-start", f"envoy exited with code {envoy.proc.returncode}:"
+                raise TrialFailed(FailReason.PROXY_START, f"envoy exited with code {envoy.proc.returncode}:"
                                   f"\n{envoy.stderr_tail()}")
             left = deadline - time.monotonic()
             try:
@@ -193,7 +193,7 @@ class LocalTarget(Target):
             except OSError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= deadline:
-                raise TrialFailed("not-ready", f"no 200 through {self.load_url} within "
+                raise TrialFailed(FailReason.NOT_READY, f"no 200 through {self.load_url} within "
                                   f"{timeout_s:.0f}s (last: {last})")
             time.sleep(0.05)
 
