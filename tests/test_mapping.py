@@ -100,9 +100,8 @@ def test_left_out_settings_are_not_written_and_envoy_gets_istio_defaults() -> No
     assert th == {"max_connections": ISTIO_UNSET_LIMIT, "max_pending_requests": ISTIO_UNSET_LIMIT,
                   "max_requests": ISTIO_UNSET_LIMIT, "max_retries": ISTIO_UNSET_LIMIT,
                   "track_remaining": False}
-    hpo = cluster["typed_extension_protocol_options"][mapping.HPO_KEY]
-    assert "common_http_protocol_options" not in hpo  # maxRequestsPerConnection unset = unlimited
-    assert hpo["explicit_http_config"] == {"http_protocol_options": {}}  # DO_NOT_UPGRADE
+    # As Istio: no HttpProtocolOptions unless a setting needs them (TestBuildDefaultCluster).
+    assert "typed_extension_protocol_options" not in cluster
     assert cluster["connect_timeout"] == "10s"  # meshConfig.connectTimeout default
     assert cluster["lb_policy"] == "LEAST_REQUEST"
     # Istio 1.30: concurrency unset -> ceil(CPU limit), default limit 2000m -> 2 workers.
@@ -128,6 +127,19 @@ def test_envoy_cluster_matches_the_reference_standin_for_the_sample_rule() -> No
     assert our_hpo["@type"] == ref_hpo["@type"]
     assert (our_hpo["common_http_protocol_options"]["max_requests_per_connection"]
             == ref_hpo["common_http_protocol_options"]["max_requests_per_connection"])
+
+
+@pytest.mark.parametrize("config", [MeshConfig(max_connections=5), MeshConfig(max_retries=3, concurrency=1),
+                                    MeshConfig(cpu_limit=0.5)])
+def test_protocol_options_only_when_a_setting_needs_them(config: MeshConfig) -> None:
+    """Circuit-breaker-only and sidecar-only configs carry no HttpProtocolOptions, like Istio's
+    cluster builder; maxRequestsPerConnection brings them with the HTTP/1.1 explicit config."""
+    cluster = mapping.envoy_cluster(config, SERVICE, [("127.0.0.1", 1)])
+    assert "typed_extension_protocol_options" not in cluster
+    with_mrpc = mapping.envoy_cluster(MeshConfig(max_requests_per_connection=9), SERVICE, [("127.0.0.1", 1)])
+    hpo = with_mrpc["typed_extension_protocol_options"][mapping.HPO_KEY]
+    assert hpo["common_http_protocol_options"] == {"max_requests_per_connection": 9}
+    assert hpo["explicit_http_config"] == {"http_protocol_options": {}}  # DO_NOT_UPGRADE
 
 
 @pytest.mark.parametrize("limit,request_,concurrency", [(0.5, "100m", None), (0.05, "50m", 1),
@@ -161,7 +173,7 @@ def test_every_parameter_reaches_a_manifest_and_envoy() -> None:
             assert f"{field}: 7" in dr
             assert 7 in list(itertools.chain(
                 cluster["circuit_breakers"]["thresholds"][0].values(),
-                cluster["typed_extension_protocol_options"][mapping.HPO_KEY]
+                cluster.get("typed_extension_protocol_options", {}).get(mapping.HPO_KEY, {})
                 .get("common_http_protocol_options", {}).values()))
         elif field == "concurrency":
             assert "concurrency: 7" in patch

@@ -29,15 +29,18 @@ def envoy_cluster(config: MeshConfig, service: ServiceRef,
     def limit(value: int | None) -> int:
         return value if value is not None else ISTIO_UNSET_LIMIT
 
-    hpo: dict[str, Any] = {
-        "@type": f"type.googleapis.com/{HPO_KEY}",
-        "explicit_http_config": {"http_protocol_options": {}},  # h2UpgradePolicy DO_NOT_UPGRADE
-    }
+    # Istio writes HttpProtocolOptions only when a setting needs them (``clusterWrapper.build()``
+    # in cluster_builder.go; upstream TestBuildDefaultCluster expects none for a default cluster).
+    protocol_options: dict[str, Any] = {}
     if config.max_requests_per_connection is not None:
-        hpo["common_http_protocol_options"] = {
-            "max_requests_per_connection": config.max_requests_per_connection
+        protocol_options[HPO_KEY] = {
+            "@type": f"type.googleapis.com/{HPO_KEY}",
+            "common_http_protocol_options": {
+                "max_requests_per_connection": config.max_requests_per_connection
+            },
+            "explicit_http_config": {"http_protocol_options": {}},  # h2UpgradePolicy DO_NOT_UPGRADE
         }
-    return {
+    cluster: dict[str, Any] = {
         "name": name,
         "alt_stat_name": f"{name};",
         "type": "STATIC",
@@ -52,7 +55,6 @@ def envoy_cluster(config: MeshConfig, service: ServiceRef,
                 "track_remaining": False,
             }]
         },
-        "typed_extension_protocol_options": {HPO_KEY: hpo},
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{
@@ -63,3 +65,6 @@ def envoy_cluster(config: MeshConfig, service: ServiceRef,
             }],
         },
     }
+    if protocol_options:
+        cluster["typed_extension_protocol_options"] = protocol_options
+    return cluster
