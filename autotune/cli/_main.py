@@ -16,7 +16,7 @@ from autotune.errors import AutotuneError
 from autotune.export import export_study, front_with_baseline, pareto_frame, results_dir
 from autotune.mesh import PARAMETERS, MeshConfig, parse_cpu
 from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec
-from autotune.study import make_storage, redact, run_single, run_study
+from autotune.study import make_storage, redact, run_single, run_study, study_objectives
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,7 +112,7 @@ def study_list(storage: str) -> None:
     for col in ("study", "trials", "objectives", "started"):
         table.add_column(col)
     for s in summaries:
-        table.add_row(s.study_name, str(s.n_trials), ", ".join(s.user_attrs.get("objectives", [])),
+        table.add_row(s.study_name, str(s.n_trials), ", ".join(study_objectives(s) or []),
                       str(s.datetime_start or "-"))
     console.print(table)
 
@@ -126,7 +126,7 @@ def _load(name: str, storage: str) -> optuna.Study:
 
 
 def _print_pareto(st: optuna.Study) -> None:
-    objectives: list[str] = st.user_attrs.get("objectives", [])
+    objectives = study_objectives(st) or []
     frame = front_with_baseline(st)
     if frame.empty:
         console.print("[yellow]No feasible trial yet:[/] every measured config broke a constraint "

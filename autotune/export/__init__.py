@@ -4,7 +4,6 @@ ready-to-apply manifests per Pareto config."""
 from __future__ import annotations
 
 from autotune.export._files import (
-    MANIFESTS,
     METRIC_COLUMNS,
     Exported,
     export_study,
@@ -14,6 +13,7 @@ from autotune.export._files import (
     trial_row,
     trials_frame,
 )
+from autotune.study import MANIFESTS
 
 __all__ = [
     "MANIFESTS",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,16 +11,22 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.mesh import PARAMETERS, MeshConfig, format_cpu
+from autotune.mesh import PARAMETERS, format_cpu
 from autotune.spec import StudySpec
-from autotune.study import baseline_trial, pareto_trials
+from autotune.study import (
+    MANIFESTS,
+    TrialRecord,
+    baseline_trial,
+    confirmation_of,
+    pareto_trials,
+    study_objectives,
+)
 
 METRIC_COLUMNS = [
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "cpu_reserved_cores",
     "cpu_throttled_ratio", "achieved_rps", "offered_rps", "throughput_ratio", "error_rate",
     "requests",
 ]
-MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml")
 
 
 def results_dir(spec: StudySpec) -> Path:
@@ -29,13 +36,13 @@ def results_dir(spec: StudySpec) -> Path:
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
     """One trial as a flat row: number, state, baseline, config by Istio name, metrics, reason."""
-    ua = trial.user_attrs
-    config = MeshConfig.from_params(ua.get("config", trial.params))
+    rec = TrialRecord.read(trial)
+    config = rec.config
     row: dict[str, Any] = {
         "trial": trial.number,
         "state": trial.state.name,
-        "baseline": bool(ua.get("baseline", False)),
-        "feasible": bool(ua.get("feasible", False)),
+        "baseline": rec.baseline,
+        "feasible": rec.feasible,
         "config": config.describe(),
     }
     set_values = config.to_params()
@@ -44,17 +51,20 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         row[name] = (format_cpu(value) if info.kind == "cpu" else value) if value is not None else None
     row["envoy_concurrency"] = config.effective_concurrency
     for col in METRIC_COLUMNS:
-        row[col] = ua.get(col)
-    spread = ua.get("spread_cv") or {}
-    row["latency_p95_cv"] = spread.get("latency_p95_ms")
-    row["cpu_cores_cv"] = spread.get("cpu_cores")
-    row["windows"] = ua.get("windows") and len(ua["windows"])
-    row["drift_pct"] = ua.get("drift_pct")
-    timings = ua.get("timings") or {}
-    row["trial_wall_s"] = timings.get("total_s")
-    row["violations"] = "; ".join(ua.get("violations") or [])
-    row["fail_reason"] = ua.get("fail_message") or ua.get("fail_reason")
+        row[col] = _number(rec.metrics.get(col))
+    row["latency_p95_cv"] = rec.spread_cv.get("latency_p95_ms")
+    row["cpu_cores_cv"] = rec.spread_cv.get("cpu_cores")
+    row["windows"] = len(rec.windows) or None
+    row["drift_pct"] = rec.drift_pct
+    row["trial_wall_s"] = rec.timings.get("total_s")
+    row["violations"] = "; ".join(rec.violations)
+    row["fail_reason"] = rec.fail_message or (rec.fail_reason.value if rec.fail_reason else None)
     return row
+
+
+def _number(value: float | None) -> float | None:
+    """A metric for a table: ``None`` when it was never measured or is not a number."""
+    return None if value is None or math.isnan(value) else value
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -67,17 +77,17 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The feasible Pareto front with, per objective, the change against the nearest baseline
     in %, and, once confirmation ran, whether each config is confirmed with the interval of
     each objective's change (``<metric>_ci_low_pct`` … ``_ci_high_pct``)."""
-    metrics: list[str] = study.user_attrs.get("objectives", [])
-    confirmation = study.user_attrs.get("confirmation") or {}
-    confirmed = confirmation.get("results", {})
+    metrics = study_objectives(study) or []
+    confirmed = (confirmation_of(study) or {}).get("results", {})
     rows = []
     for t in pareto_trials(study):
         row = trial_row(t)
         base = baseline_trial(study, near=t.number)
         row["compared_with_baseline"] = base.number if base else None
+        base_metrics = TrialRecord.read(base).metrics if base else {}
+        own = TrialRecord.read(t).metrics
         for metric in metrics:
-            b = base.user_attrs.get(metric) if base else None
-            v = t.user_attrs.get(metric)
+            b, v = _number(base_metrics.get(metric)), _number(own.get(metric))
             row[f"{metric}_vs_baseline_pct"] = (
                 round(100.0 * (v - b) / b, 1) if b and v is not None else None
             )
@@ -124,8 +134,9 @@ def export_study(study: optuna.Study, out_dir: Path) -> Exported:
     for t in pareto_trials(study):
         d = out_dir / f"trial-{t.number:03d}"
         d.mkdir(exist_ok=True)
+        manifests = TrialRecord.read(t).manifests
         for name in MANIFESTS:
-            (d / name).write_text(t.user_attrs[name], encoding="utf-8")
+            (d / name).write_text(manifests[name], encoding="utf-8")
         dirs.append(d)
     _write_plot(study, out_dir / "pareto.html")
     return Exported(out_dir, trials_csv, pareto_csv, dirs)
@@ -133,7 +144,7 @@ def export_study(study: optuna.Study, out_dir: Path) -> Exported:
 
 def _write_plot(study: optuna.Study, path: Path) -> None:
     """The Pareto front as an interactive plotly page (infeasible trials greyed out)."""
-    metrics: list[str] = study.user_attrs.get("objectives", [])
+    metrics = study_objectives(study) or []
     if len(metrics) not in (2, 3) or (baseline_trial(study) is None and not pareto_trials(study)):
         return
     # Feasibility comes from the constraints each trial set (Trial.set_constraint).

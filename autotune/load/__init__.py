@@ -1,8 +1,11 @@
-"""The load: a fixed, paced Locust run in its own process, measured over a window."""
+"""The load: a ``LoadDriver`` runs a fixed load over a warm-up and measured windows. ``LocustDriver``
+runs a paced Locust load in its own process."""
 
 from __future__ import annotations
 
-from autotune.load._locust import run_load, run_load_windows
+from autotune.load._driver import BUILTIN_LOCUSTFILE, LoadDriver, LocustDriver, WindowFn
+from autotune.load._locust import ProgressFn, run_load_windows
 from autotune.load._result import LoadResult
 
-__all__ = ["LoadResult", "run_load", "run_load_windows"]
+__all__ = ["BUILTIN_LOCUSTFILE", "LoadDriver", "LoadResult", "LocustDriver", "ProgressFn",
+           "WindowFn", "run_load_windows"]

@@ -4,9 +4,9 @@ Locust is never imported here: it monkey-patches the interpreter with gevent, so
 ``python -m locust`` subprocess in its own session (a terminal Ctrl-C does not reach it; the
 runner stops it itself, and kills its whole process group on any error or interrupt).
 
-Timeline of :func:`run_load`::
+Timeline of :func:`run_load_windows` (one window shown)::
 
-    spawn ── marker (test_start) ── warm-up ── on_window_start() ── duration ── on_window_end()
+    spawn ── marker (test_start) ── warm-up ── on_window_start(0) ── duration ── on_window_end(0)
                                                    |<────────── measured window ──────────>|
     ── SIGTERM ── Locust writes its records and exits ── records filtered to the window
 
@@ -18,7 +18,6 @@ own (rounded) statistics.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -58,25 +57,10 @@ _TAIL_CHARS = 2000
 ProgressFn = Callable[[str, float], None]
 
 
-def check_loopback(url: str) -> None:
-    """Raise ``ValueError`` unless ``url`` is http(s) to a loopback host (127.0.0.0/8, ::1 or
-    ``localhost``). No name is resolved: only literal loopback addresses and ``localhost`` pass."""
-    host = _host_of(url)
-    if host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    raise ValueError(f"refusing to send load to {url!r}: {host!r} is not a loopback address")
-
-
-def _host_of(url: str) -> str:
+def _check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"load URL must be http(s)://host[:port], got {url!r}")
-    return parts.hostname.lower()
 
 
 @dataclass(frozen=True)
@@ -86,25 +70,6 @@ class _Records:
     statuses: npt.NDArray[np.int32]
     failed: npt.NDArray[np.bool_]
     truncated: bool
-
-
-def run_load(
-    url: str,
-    load: LoadSpec,
-    locustfile: Path,
-    *,
-    on_window_start: Callable[[], None],
-    on_window_end: Callable[[], None],
-    progress: ProgressFn | None = None,
-    timeout_s: float | None = None,
-) -> LoadResult:
-    """One warm-up and one measurement window; see :func:`run_load_windows`."""
-    (result,) = run_load_windows(
-        url, load, locustfile, windows=1,
-        on_window_start=lambda _i: on_window_start(), on_window_end=lambda _i: on_window_end(),
-        progress=progress, timeout_s=timeout_s,
-    )
-    return result
 
 
 def run_load_windows(
@@ -124,22 +89,23 @@ def run_load_windows(
     The callbacks get the window's index; with more than one window the progress phase is
     ``"measure i/n"``.
 
-    Calls ``on_window_start()`` once, ``load.warmup`` s after Locust's test start, and
-    ``on_window_end()`` once, ``load.duration`` s after that; the window is the wall-clock span
+    Calls ``on_window_start(0)`` ``load.warmup`` s after Locust's test start, then for each window
+    ``i`` ``on_window_end(i)`` ``load.duration`` s after ``on_window_start(i)`` and, right after it,
+    ``on_window_start(i + 1)``; a window is the wall-clock span
     between the moments just before each callback ran, and only requests that *completed* inside
     it are counted. ``progress(phase, fraction)`` is called at least once a second with phase
     ``"warmup"`` or ``"measure"`` and fraction 0..1.
 
     ``timeout_s`` bounds the whole run (default: warm-up + duration + 60 s).
 
-    Any URL is accepted here (the caller guards the target; see :func:`check_loopback`).
+    Any http(s) URL is accepted: the target decides where load may go (``Target.load_url``).
     Raises ``TrialFailed(FailReason.LOAD, …)`` (with the tail of Locust's stderr) if Locust does not
     start, dies, exits non-zero, runs out of time or records no request. On any exception,
     ``KeyboardInterrupt`` included, Locust's whole process group is killed before re-raising;
     the temporary directory is always removed. Unreachable targets are *not* a failure: their
     requests are recorded as failed (status ``"error"``), so the result has error rate 1.0.
     """
-    _host_of(url)
+    _check_url(url)
     if not locustfile.is_file():
         raise TrialFailed(FailReason.LOAD, f"locustfile not found: {locustfile}")
     if windows < 1:

@@ -1,6 +1,6 @@
 """autotune's built-in locustfile: a paced, staggered GET load that records every request itself.
 
-Run by ``autotune.load.run_load`` as ``python -m locust -f locustfile.py --headless …`` in its own
+Run by ``autotune.load.LocustDriver`` as ``python -m locust -f locustfile.py --headless …`` in its own
 process (Locust monkey-patches the interpreter with gevent, so it never runs inside the tuner).
 
 Environment variables (all set by the runner; the defaults make the file usable by hand):

@@ -2,7 +2,8 @@
 
 Public pieces: ``run_study`` / ``run_single`` (the loop), ``measure_config`` (one measurement),
 ``confirm_front`` (interleaved re-measurement of the front), the front and baseline queries, the
-statistics, the objectives and constraints, samplers and storage, and the ``Observer`` protocol.
+trial record (``TrialRecord``, the only code that knows how a trial is stored), the statistics,
+the objectives and constraints, samplers and storage, and the ``Observer`` protocol.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from autotune.study._loop import (
     run_study,
     suggest,
 )
-from autotune.study._measure import Measurement, measure_config
+from autotune.study._measure import Measurement, default_driver, measure_config
 from autotune.study._objectives import (
     CONSTRAINT_NAMES,
     METRIC_LABELS,
@@ -28,6 +29,14 @@ from autotune.study._objectives import (
     violations,
 )
 from autotune.study._progress import NullObserver, Observer, TrialOutcome
+from autotune.study._record import (
+    MANIFESTS,
+    StudyState,
+    TrialRecord,
+    confirmation_of,
+    is_feasible,
+    study_objectives,
+)
 from autotune.study._sampler import make_sampler
 from autotune.study._stats import Change, aggregate, cv, paired_change
 from autotune.study._storage import make_storage, redact, resolve_url
@@ -35,19 +44,25 @@ from autotune.study._storage import make_storage, redact, resolve_url
 __all__ = [
     "CONSTRAINT_NAMES",
     "INTERRUPTED",
+    "MANIFESTS",
     "METRIC_LABELS",
     "Change",
     "Measurement",
     "NullObserver",
     "Observer",
+    "StudyState",
     "TrialOutcome",
+    "TrialRecord",
     "aggregate",
     "baseline_trial",
     "config_of",
     "confirm_front",
+    "confirmation_of",
     "constraint_values",
     "counted_trials",
     "cv",
+    "default_driver",
+    "is_feasible",
     "make_sampler",
     "make_storage",
     "measure_config",
@@ -60,6 +75,7 @@ __all__ = [
     "resolve_url",
     "run_single",
     "run_study",
+    "study_objectives",
     "suggest",
     "violations",
 ]

@@ -17,70 +17,72 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autotune.errors import AutotuneError, TrialFailed
+from autotune.load import LoadDriver
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
 from autotune.study._front import pareto_trials
-from autotune.study._measure import measure_config
+from autotune.study._measure import default_driver, measure_config
 from autotune.study._objectives import violations
 from autotune.study._progress import NullObserver, Observer
+from autotune.study._record import TrialRecord, confirmation_of, set_confirmation
 from autotune.study._stats import paired_change
 from autotune.targets import Target
 
-log = logging.getLogger(__name__)
-ATTR = "confirmation"
+logger = logging.getLogger(__name__)
 
 
 def candidates(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
     """The Pareto configs to confirm (not the baseline itself), best first objective first."""
-    front = [t for t in pareto_trials(study) if not t.user_attrs.get("baseline")]
+    front = [t for t in pareto_trials(study) if not TrialRecord.read(t).baseline]
     return front[: spec.measurement.confirm_max_configs]
 
 
 def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
-                  observer: Observer | None = None) -> dict[str, Any] | None:
-    """Run the confirmation rounds on a started target and store the result on the study
-    (user attribute ``confirmation``). Skipped, returning the stored result, when the same front
-    was already confirmed with as many rounds. Returns ``None`` when there is nothing to confirm."""
+                  observer: Observer | None = None, *,
+                  load: LoadDriver | None = None) -> dict[str, Any] | None:
+    """Run the confirmation rounds on a started target under ``load`` (default: Locust with the
+    spec's locustfile) and store the result on the study. Skipped, returning the stored result,
+    when the same front was already confirmed with as many rounds. Returns ``None`` when there is
+    nothing to confirm."""
     obs = observer or NullObserver()
+    driver = load or default_driver(spec)
     rounds = spec.measurement.confirm_rounds
     front = candidates(study, spec)
     if rounds == 0 or not front:
         return None
     key = [t.number for t in front]
-    previous = study.user_attrs.get(ATTR)
+    previous = confirmation_of(study)
     if previous and previous.get("trials") == key and previous.get("rounds") == rounds:
-        return dict(previous)
+        return previous
     metrics: list[str] = [o.metric for o in spec.objectives]
     runs: dict[str, list[dict[str, float] | None]] = {label: [] for label in ["baseline", *map(str, key)]}
     total = rounds * (len(front) + 1)
     step = 0
+    configs = [(str(t.number), TrialRecord.read(t).config) for t in front]
     for r in range(rounds):
-        order = front if r % 2 == 0 else list(reversed(front))
-        for label, config in [("baseline", MeshConfig())] + [(str(t.number), _config(t)) for t in order]:
+        order = configs if r % 2 == 0 else configs[::-1]
+        for label, config in [("baseline", MeshConfig()), *order]:
             step += 1
             obs.trial_started(int(label) if label != "baseline" else -1, step, total, config,
                               label == "baseline", stage="confirm")
-            runs[label].append(_measure(target, spec, config, obs))
+            runs[label].append(_measure(target, spec, config, obs, driver))
     result = _evaluate(spec, key, runs, metrics)
     result.update(trials=key, rounds=rounds, confidence=spec.measurement.confidence)
-    study.set_user_attr(ATTR, result)
+    set_confirmation(study, result)
     return result
 
 
-def _config(trial: FrozenTrial) -> MeshConfig:
-    return MeshConfig.from_params(trial.user_attrs.get("config", trial.params))
-
-
-def _measure(target: Target, spec: StudySpec, config: MeshConfig, obs: Observer) -> dict[str, float] | None:
+def _measure(target: Target, spec: StudySpec, config: MeshConfig, obs: Observer,
+             load: LoadDriver) -> dict[str, float] | None:
     """One window of one config; ``None`` (and the baseline restored) if it failed."""
     try:
-        return measure_config(target, spec, config, obs, repeats=1).metrics
+        return measure_config(target, spec, config, obs, repeats=1, load=load).metrics
     except TrialFailed as exc:
-        log.warning("confirmation run of %s failed: %s", config.describe(), exc)
+        logger.warning("confirmation run of %s failed: %s", config.describe(), exc)
         try:
             target.restore()
         except AutotuneError as err:
-            log.error("could not restore the baseline: %s", err)
+            logger.error("could not restore the baseline: %s", err)
         return None
 
 
@@ -113,6 +115,6 @@ def _evaluate(spec: StudySpec, key: list[int], runs: dict[str, list[dict[str, fl
         elif not improved:
             entry["reason"] = "no objective improved beyond its confidence interval"
         out["results"][str(number)] = entry
-        log.info("confirmation of trial %d: %s", number, "confirmed" if entry["confirmed"]
+        logger.info("confirmation of trial %d: %s", number, "confirmed" if entry["confirmed"]
                  else entry.get("reason", "not confirmed"))
     return out

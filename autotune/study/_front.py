@@ -6,14 +6,15 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.study._record import TrialRecord, is_feasible
+
 
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Feasible completed trials that no other feasible trial dominates, sorted by the first
-    objective. Computed here rather than with ``study.best_trials`` so feasibility is ours for
-    every sampler (Optuna's random sampler records no constraints)."""
+    objective (then trial number). Feasibility is the constraints each trial stored; baseline
+    drift re-measurements are left out (they repeat trial 0's config)."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("feasible") and t.values is not None
-              and not t.user_attrs.get("drift_check")]  # re-measurements of the baseline
+              if t.values is not None and is_feasible(t) and not TrialRecord.read(t).drift_check]
     if not trials:
         return []
     sign = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
@@ -31,7 +32,7 @@ def baseline_trial(study: optuna.Study, *, first: bool = False, near: int | None
     """A completed Istio-default baseline measurement: the latest, the ``first``, or the one
     nearest to trial number ``near`` (what a trial is compared with, so drift cancels out)."""
     base = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("baseline")]
+            if TrialRecord.read(t).baseline]
     if not base:
         return None
     if first:

@@ -7,14 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune.load import LoadResult, run_load_windows
+from autotune.load import LoadDriver, LoadResult, LocustDriver
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
 from autotune.study._progress import NullObserver, Observer
 from autotune.study._stats import aggregate
 from autotune.targets import ProxyUsage, Target
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,17 @@ def combine(load: LoadResult, usage: ProxyUsage, config: MeshConfig) -> dict[str
     }
 
 
+def default_driver(spec: StudySpec) -> LoadDriver:
+    """Locust with the spec's locustfile (the built-in paced one unless ``load.locustfile``)."""
+    return LocustDriver(spec.locustfile_path())
+
+
 def _load_run(target: Target, spec: StudySpec, config: MeshConfig, windows: int,
-              obs: Observer) -> tuple[list[dict[str, float]], dict[str, int]]:
-    """One Locust run: a warm-up, then ``windows`` back-to-back windows, each with the proxy's CPU."""
+              obs: Observer, load: LoadDriver) -> tuple[list[dict[str, float]], dict[str, int]]:
+    """One load run: a warm-up, then ``windows`` back-to-back windows, each with the proxy's CPU."""
     usage: list[ProxyUsage] = []
-    results = run_load_windows(
-        target.load_url, spec.load, spec.locustfile_path(), windows=windows,
+    results = load.run(
+        target.load_url, spec.load, windows=windows,
         on_window_start=lambda _i: target.begin_window(),
         on_window_end=lambda _i: usage.append(target.end_window()),
         progress=obs.phase,
@@ -71,8 +76,10 @@ def _load_run(target: Target, spec: StudySpec, config: MeshConfig, windows: int,
 
 
 def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
-                   observer: Observer | None = None, *, repeats: int | None = None) -> Measurement:
-    """Apply ``config`` to a started target and measure it under the spec's load.
+                   observer: Observer | None = None, *, repeats: int | None = None,
+                   load: LoadDriver | None = None) -> Measurement:
+    """Apply ``config`` to a started target and measure it under the spec's load, run by ``load``
+    (default: Locust with the spec's locustfile).
 
     Runs ``spec.measurement.repeats`` windows (or ``repeats``); while the p95's coefficient of
     variation is above ``target_cv`` it adds windows up to ``max_repeats``. Raises ``TrialFailed``
@@ -80,6 +87,7 @@ def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
     the target: the caller decides (the study restores after failures).
     """
     obs = observer or NullObserver()
+    driver = load or default_driver(spec)
     rules = spec.measurement
     first = repeats if repeats is not None else rules.repeats
     most = repeats if repeats is not None else rules.max_repeats
@@ -93,14 +101,14 @@ def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
         time.sleep(spec.timing.settle)
     observed = target.observed_config()
     t2 = time.monotonic()
-    windows, counts = _load_run(target, spec, config, first, obs)
+    windows, counts = _load_run(target, spec, config, first, obs, driver)
     runs = 1
     metrics, spread = aggregate(windows)
     while spread.get("latency_p95_ms", 0.0) > rules.target_cv and len(windows) < most:
         extra = min(most - len(windows), first)
-        log.info("p95 varies by %.0f%% over %d windows; measuring %d more",
+        logger.info("p95 varies by %.0f%% over %d windows; measuring %d more",
                  100 * spread["latency_p95_ms"], len(windows), extra)
-        more, more_counts = _load_run(target, spec, config, extra, obs)
+        more, more_counts = _load_run(target, spec, config, extra, obs, driver)
         windows += more
         for code, n in more_counts.items():
             counts[code] = counts.get(code, 0) + n

@@ -61,10 +61,6 @@ class Change:
         """The whole interval lies on the better side (below 0 when minimizing)."""
         return self.high_pct < 0 if direction == "minimize" else self.low_pct > 0
 
-    def worsens(self, direction: str) -> bool:
-        """The whole interval lies on the worse side."""
-        return self.low_pct > 0 if direction == "minimize" else self.high_pct < 0
-
 
 def paired_change(baseline: Sequence[float], candidate: Sequence[float], confidence: float) -> Change:
     """Relative change per round, (B_r − A_r) / A_r, with a Student-t interval over the rounds.

@@ -1,0 +1,205 @@
+"""How a trial and a study are stored in Optuna: the only code that knows the user-attribute keys.
+
+A trial's record is flat in ``Trial.user_attrs`` so that optuna-dashboard shows every metric as a
+column: ``config`` (the Istio-named values; ``{}`` for the baseline), ``envoy_concurrency``,
+``baseline`` / ``drift_check`` (set when the trial is enqueued), the two manifests by file name,
+one key per metric (``None`` when not finite), ``violations``, ``status_counts``, ``observed``,
+``timings``, ``spread_cv``, ``windows``, ``drift_pct``, ``fail_reason`` and ``fail_message``.
+Feasibility is not a user attribute: it is read from the constraints the loop sets with
+``Trial.set_constraint`` (Optuna stores them as system attributes, ``FrozenTrial.constraints``).
+
+A study's record: ``objectives`` (metric names, in order), ``spec`` (the spec as JSON),
+``confirmation`` (the last confirmation result) and the target's durable state (``target.<key>``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from autotune.errors import FailReason
+from autotune.mesh import MeshConfig
+
+_CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK = "config", "envoy_concurrency", "baseline", "drift_check"
+_VIOLATIONS, _STATUS, _OBSERVED, _TIMINGS = "violations", "status_counts", "observed", "timings"
+_SPREAD, _WINDOWS, _DRIFT_PCT = "spread_cv", "windows", "drift_pct"
+_FAIL_REASON, _FAIL_MESSAGE = "fail_reason", "fail_message"
+#: The manifests stored with each trial, by file name.
+MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml")
+#: Keys that are not metrics (``feasible`` was written by older versions and is ignored).
+_NOT_METRICS = frozenset({_CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK, _VIOLATIONS, _STATUS,
+                          _OBSERVED, _TIMINGS, _SPREAD, _WINDOWS, _DRIFT_PCT, _FAIL_REASON,
+                          _FAIL_MESSAGE, "feasible", *MANIFESTS})
+#: A failure message is cut to its last this many characters.
+MESSAGE_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """Everything a study records on one trial.
+
+    ``metrics`` holds the aggregated measurement (NaN where no value was measured), ``windows``
+    the per-window figures, ``spread_cv`` each metric's coefficient of variation over the windows.
+    ``feasible`` is only meaningful on a record :meth:`read` from a finished trial: COMPLETE and
+    every stored constraint <= 0.
+    """
+
+    config: MeshConfig = field(default_factory=MeshConfig)
+    baseline: bool = False
+    drift_check: bool = False
+    manifests: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    windows: list[dict[str, float]] = field(default_factory=list)
+    spread_cv: dict[str, float] = field(default_factory=dict)
+    status_counts: dict[str, int] = field(default_factory=dict)
+    observed: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    drift_pct: float | None = None
+    fail_reason: FailReason | None = None
+    fail_message: str | None = None
+    feasible: bool = False
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C/SIGTERM: does not use up the budget and is run again."""
+        return self.fail_reason == FailReason.INTERRUPTED
+
+    def write(self, trial: Trial) -> None:
+        """Store this record on a running trial. Only keys whose value changed are written, so a
+        record can be written when the trial starts and again, completed, when it ends."""
+        current = trial.user_attrs
+        for key, value in self._attrs().items():
+            if key not in current or current[key] != value:
+                trial.set_user_attr(key, value)
+
+    def _attrs(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {_CONFIG: self.config.to_params(),
+                                 _CONCURRENCY: self.config.effective_concurrency, **self.manifests}
+        if self.baseline:
+            attrs[_BASELINE] = True
+        if self.drift_check:
+            attrs[_DRIFT_CHECK] = True
+        if self.metrics:
+            attrs.update({k: v if math.isfinite(v) else None for k, v in self.metrics.items()})
+            attrs.update({_VIOLATIONS: self.violations, _STATUS: self.status_counts,
+                          _OBSERVED: self.observed, _TIMINGS: self.timings,
+                          _SPREAD: self.spread_cv, _WINDOWS: self.windows})
+        if self.drift_pct is not None:
+            attrs[_DRIFT_PCT] = self.drift_pct
+        if self.fail_reason is not None:
+            attrs[_FAIL_REASON] = self.fail_reason.value
+        if self.fail_message is not None:
+            attrs[_FAIL_MESSAGE] = self.fail_message[-MESSAGE_CHARS:]
+        return attrs
+
+    @classmethod
+    def read(cls, trial: FrozenTrial) -> TrialRecord:
+        """The record of a stored trial (any state; fields it never got are empty)."""
+        ua = trial.user_attrs
+        metrics = {k: math.nan if v is None else float(v) for k, v in ua.items()
+                   if k not in _NOT_METRICS and _is_number_or_none(v)}
+        reason = ua.get(_FAIL_REASON)
+        drift = ua.get(_DRIFT_PCT)
+        return cls(
+            config=MeshConfig.from_params(ua.get(_CONFIG, trial.params)),
+            baseline=bool(ua.get(_BASELINE)), drift_check=bool(ua.get(_DRIFT_CHECK)),
+            manifests={name: str(ua[name]) for name in MANIFESTS if name in ua},
+            metrics=metrics, windows=list(ua.get(_WINDOWS) or []),
+            spread_cv=dict(ua.get(_SPREAD) or {}), status_counts=dict(ua.get(_STATUS) or {}),
+            observed=dict(ua.get(_OBSERVED) or {}), timings=dict(ua.get(_TIMINGS) or {}),
+            violations=list(ua.get(_VIOLATIONS) or []),
+            drift_pct=None if drift is None else float(drift),
+            fail_reason=_reason(reason), fail_message=ua.get(_FAIL_MESSAGE),
+            feasible=is_feasible(trial),
+        )
+
+
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _reason(value: Any) -> FailReason | None:
+    if value is None:
+        return None
+    try:
+        return FailReason(value)
+    except ValueError:  # a reason this version does not know (older or newer records)
+        return None
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """COMPLETE with constraints stored and each <= 0 (Optuna's convention; see ``set_constraint``)."""
+    constraints = trial.constraints
+    return (trial.state == TrialState.COMPLETE and bool(constraints)
+            and all(v <= 0.0 for v in constraints.values()))
+
+
+def queued_flags(trial: Trial) -> tuple[bool, bool]:
+    """``(baseline, drift_check)`` of a running trial, as :func:`enqueue_baseline` queued it."""
+    ua = trial.user_attrs
+    return bool(ua.get(_BASELINE)), bool(ua.get(_DRIFT_CHECK))
+
+
+def enqueue_baseline(study: optuna.Study, *, drift_check: bool = False) -> None:
+    """Queue a measurement of the Istio defaults (a re-measurement when ``drift_check``)."""
+    attrs: dict[str, Any] = {_BASELINE: True}
+    if drift_check:
+        attrs[_DRIFT_CHECK] = True
+    study.enqueue_trial({}, user_attrs=attrs)
+
+
+def queued_baseline(trial: FrozenTrial) -> bool:
+    """A baseline measurement, whatever its state (WAITING ones included)."""
+    return bool(trial.user_attrs.get(_BASELINE))
+
+
+# -- the study's record ---------------------------------------------------------------------------
+
+_OBJECTIVES, _SPEC, _CONFIRMATION, _TARGET = "objectives", "spec", "confirmation", "target."
+
+
+class _HasUserAttrs(Protocol):
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+
+
+def study_objectives(study: _HasUserAttrs) -> list[str] | None:
+    """The metric names the study optimizes, in order (``None`` for a study not made by autotune).
+    Works on a ``Study`` and on a ``StudySummary``."""
+    value = study.user_attrs.get(_OBJECTIVES)
+    return None if value is None else [str(v) for v in value]
+
+
+def init_study_record(study: optuna.Study, objectives: Sequence[str], spec: Mapping[str, Any]) -> None:
+    """Record a new study's objectives and spec (the spec as JSON-able data)."""
+    study.set_user_attr(_OBJECTIVES, list(objectives))
+    study.set_user_attr(_SPEC, dict(spec))
+
+
+def confirmation_of(study: optuna.Study) -> dict[str, Any] | None:
+    """The stored confirmation result (see ``confirm_front``), if any."""
+    value = study.user_attrs.get(_CONFIRMATION)
+    return dict(value) if value else None
+
+
+def set_confirmation(study: optuna.Study, result: Mapping[str, Any]) -> None:
+    study.set_user_attr(_CONFIRMATION, dict(result))
+
+
+class StudyState:
+    """The study's user attributes as a target's durable state (keys prefixed ``target.``)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+
+    def get(self, key: str) -> Any:
+        return self.study.user_attrs.get(f"{_TARGET}{key}")
+
+    def set(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(f"{_TARGET}{key}", value)
