@@ -74,11 +74,13 @@ class TrialRecord:
         """Store this record on a running trial. Only keys whose value changed are written, so a
         record can be written when the trial starts and again, completed, when it ends."""
         current = trial.user_attrs
-        for key, value in self._attrs().items():
+        for key, value in self.user_attrs().items():
             if key not in current or current[key] != value:
                 trial.set_user_attr(key, value)
 
-    def _attrs(self) -> dict[str, Any]:
+    def user_attrs(self) -> dict[str, Any]:
+        """The record as Optuna user attributes (what :meth:`write` stores; for
+        ``optuna.trial.create_trial`` when a trial is made by hand)."""
         attrs: dict[str, Any] = {_CONFIG: self.config.to_params(),
                                  _CONCURRENCY: self.config.effective_concurrency, **self.manifests}
         if self.baseline:

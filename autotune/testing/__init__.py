@@ -1,0 +1,2 @@
+"""Test support shipped with the package. ``autotune.testing.replay``: a replayed landscape, target
+and load driver that run the whole study loop without Envoy or Locust."""
