@@ -16,7 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 from _specs import write_spec
+from autotune.cli import _main as cli_main
 from autotune.cli import main
+from autotune.spec import StudySpec
+from autotune.study import Observer, run_study
+from autotune.testing.replay import Landscape, Point, ReplayDriver, ReplayTarget
 
 
 def _run(*args: str) -> tuple[int, str]:
@@ -40,13 +44,26 @@ def test_unknown_study_and_bad_set(tmp_path: Path) -> None:
     assert code == 1 and "--set 'proxy.cpuLimit=lots'" in out
 
 
-@pytest.mark.slow
-def test_study_start_then_list_pareto_and_export(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, **{"study.trials": 2})
+def _replayed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``study start`` runs its study on the replay target and driver (no Envoy, no Locust)."""
+    land = Landscape.synthetic(lambda c: Point(2.0, 4.0 + 1 / c.effective_cpu_limit, 6.0,
+                                                cpu_cores=0.05 * c.effective_cpu_limit))
+
+    def replayed(spec: StudySpec, observer: Observer | None = None) -> optuna.Study:
+        return run_study(spec, observer, ReplayTarget(land), load=ReplayDriver(land))
+
+    monkeypatch.setattr(cli_main, "run_study", replayed)
+
+
+def test_study_start_then_list_pareto_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _replayed(monkeypatch)
+    spec = write_spec(tmp_path, **{"study.trials": 3})
     storage = f"sqlite:///{tmp_path}/s.db"
     code, out = _run("study", "start", str(spec), "--study-name", "cli", "--duration", "1.5")
     assert code == 0, out
     assert "Pareto front of cli" in out and "baseline" in out
+    assert "✓ trial 0 baseline: p95 ms 4.50, CPU cores 0.10" in out
+    assert "results: " in out and (tmp_path / "out" / "cli" / "pareto.csv").is_file()
     code, out = _run("study", "list", "--storage", storage)
     assert code == 0 and "cli" in out
     code, out = _run("pareto", "cli", "--storage", storage, "--format", "json")
@@ -57,7 +74,7 @@ def test_study_start_then_list_pareto_and_export(tmp_path: Path) -> None:
     assert out.splitlines()[0].startswith("trial,state,baseline,feasible")
     code, out = _run("export", "cli", "--storage", storage, "--out", str(tmp_path / "exp"))
     assert code == 0
-    assert (tmp_path / "exp" / "trials.csv").read_text().count("\n") == 3  # header + 2 trials
+    assert (tmp_path / "exp" / "trials.csv").read_text().count("\n") == 4  # header + 3 trials
     assert list((tmp_path / "exp").glob("trial-*/destinationrule.yaml"))
 
 

@@ -22,11 +22,11 @@ import psutil
 import pytest
 
 from autotune.errors import TrialFailed
-from autotune.load import LoadResult, run_load
+from autotune.load import BUILTIN_LOCUSTFILE, LoadResult, LocustDriver
 from autotune.load import _locust as _runner
 from autotune.spec import LoadSpec
 
-BUILTIN = Path(_runner.__file__).parent / "locustfile.py"
+BUILTIN = BUILTIN_LOCUSTFILE
 SERVICE_S = 0.020
 
 
@@ -78,9 +78,11 @@ def server() -> Iterator[_Server]:
 
 
 def _run(url: str, load: LoadSpec, locustfile: Path = BUILTIN, **kw: Any) -> LoadResult:
-    kw.setdefault("on_window_start", lambda: None)
-    kw.setdefault("on_window_end", lambda: None)
-    return run_load(url, load, locustfile, **kw)
+    """One window through the Locust driver."""
+    kw.setdefault("on_window_start", lambda _i: None)
+    kw.setdefault("on_window_end", lambda _i: None)
+    (result,) = LocustDriver(locustfile).run(url, load, windows=1, **kw)
+    return result
 
 
 def _locust_children() -> list[psutil.Process]:
@@ -95,22 +97,6 @@ def _locust_children() -> list[psutil.Process]:
 
 
 # --- pure helpers ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:8080", "http://127.3.4.5/", "https://localhost:1/x", "http://[::1]:80"]
-)
-def test_check_loopback_accepts_loopback(url: str) -> None:
-    _runner.check_loopback(url)
-
-
-@pytest.mark.parametrize(
-    "url", ["http://10.0.0.1:80", "http://example.com", "http://0.0.0.0:80", "ftp://127.0.0.1",
-            "127.0.0.1:80", "http://127.0.0.1.evil.com/"]
-)
-def test_check_loopback_refuses_everything_else(url: str) -> None:
-    with pytest.raises(ValueError):
-        _runner.check_loopback(url)
 
 
 def test_summarise_filters_to_window_and_counts_non_2xx_as_failures() -> None:
@@ -162,8 +148,8 @@ def test_paced_load_measures_the_window_only(
     t0 = time.monotonic()
     r = _run(
         server.url, load,
-        on_window_start=lambda: events.append(("start", time.monotonic())),
-        on_window_end=lambda: events.append(("end", time.monotonic())),
+        on_window_start=lambda i: events.append((f"start {i}", time.monotonic())),
+        on_window_end=lambda i: events.append((f"end {i}", time.monotonic())),
         progress=lambda phase, f: progress.append((phase, f, time.monotonic())),
     )
 
@@ -182,7 +168,7 @@ def test_paced_load_measures_the_window_only(
     assert r.window_s == pytest.approx(3.0, abs=0.15)
 
     # (d) each callback once, in order, warm-up after the load started and duration apart
-    assert [e for e, _ in events] == ["start", "end"]
+    assert [e for e, _ in events] == ["start 0", "end 0"]
     started, ended = events[0][1], events[1][1]
     assert 1.0 <= started - t0 <= 1.0 + 5.0  # warm-up plus Locust's start-up
     assert ended - started == pytest.approx(3.0, abs=0.15)
@@ -195,6 +181,24 @@ def test_paced_load_measures_the_window_only(
     assert measure == sorted(measure) and measure[-1] == 1.0
     times = [t for _, _, t in progress]
     assert max(b - a for a, b in itertools.pairwise(times)) <= 1.0
+    assert not _locust_children()
+
+
+@pytest.mark.slow
+def test_back_to_back_windows_each_measure_their_own_span(server: _Server) -> None:
+    load = LoadSpec(users=2, rate_per_user=20, warmup=0.5, duration=1.5, path="/ok")
+    events: list[tuple[str, float]] = []
+    results = LocustDriver().run(
+        server.url, load, windows=2,
+        on_window_start=lambda i: events.append((f"start {i}", time.time())),
+        on_window_end=lambda i: events.append((f"end {i}", time.time())),
+    )
+    assert [e for e, _ in events] == ["start 0", "end 0", "start 1", "end 1"]
+    assert events[2][1] - events[1][1] < 0.05  # back to back: no gap between the windows
+    assert len(results) == 2
+    for r in results:
+        assert r.window_s == pytest.approx(1.5, abs=0.1)
+        assert r.requests == pytest.approx(40 * 1.5, rel=0.2) and r.failures == 0
     assert not _locust_children()
 
 
@@ -213,7 +217,7 @@ def test_503s_count_as_failures(server: _Server) -> None:
 def test_keyboard_interrupt_leaves_no_locust_behind(server: _Server) -> None:
     seen: dict[str, Any] = {}
 
-    def interrupt() -> None:
+    def interrupt(_i: int) -> None:
         kids = _locust_children()
         seen["pids"] = [p.pid for p in kids]
         seen["workdir"] = Path(kids[0].environ()["AUTOTUNE_MARKER"]).parent
