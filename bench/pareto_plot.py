@@ -21,7 +21,14 @@ from optuna.trial import TrialState
 
 from _results import write_section
 from autotune.export import pareto_frame
-from autotune.study import METRIC_LABELS, make_storage, pareto_trials
+from autotune.study import (
+    METRIC_LABELS,
+    TrialRecord,
+    confirmation_of,
+    make_storage,
+    pareto_trials,
+    study_objectives,
+)
 
 OUT = Path(__file__).parent / "pareto-front.png"
 
@@ -32,23 +39,24 @@ def main() -> None:
     parser.add_argument("--storage", default="sqlite:///trials/autotune.db")
     args = parser.parse_args()
     study = optuna.load_study(study_name=args.study, storage=make_storage(args.storage))
-    y_metric, x_metric = study.user_attrs["objectives"][:2]
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    y_metric, x_metric = (study_objectives(study) or [])[:2]
+    done = {t.number: TrialRecord.read(t)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     front = {t.number for t in pareto_trials(study)}
-    confirmed = (study.user_attrs.get("confirmation") or {}).get("results", {})
+    confirmed = (confirmation_of(study) or {}).get("results", {})
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for feasible, style in ((False, dict(c="#bbbbbb", marker="x", label="infeasible")),
                             (True, dict(c="#4c72b0", marker="o", label="feasible"))):
-        pts = [t for t in done if bool(t.user_attrs.get("feasible")) == feasible]
-        ax.scatter([t.user_attrs[x_metric] for t in pts], [t.user_attrs[y_metric] for t in pts], **style)
-    line = sorted((t for t in done if t.number in front), key=lambda t: t.user_attrs[x_metric])
-    ax.step([t.user_attrs[x_metric] for t in line], [t.user_attrs[y_metric] for t in line], where="post",
-            c="#dd8452", label="Pareto front")
-    for t in line:
-        entry = confirmed.get(str(t.number))
-        tag = "baseline" if t.user_attrs.get("baseline") else f"#{t.number}" + (
+        pts = [r.metrics for r in done.values() if r.feasible == feasible]
+        ax.scatter([m[x_metric] for m in pts], [m[y_metric] for m in pts], **style)
+    line = sorted((n for n in done if n in front), key=lambda n: done[n].metrics[x_metric])
+    ax.step([done[n].metrics[x_metric] for n in line], [done[n].metrics[y_metric] for n in line],
+            where="post", c="#dd8452", label="Pareto front")
+    for n in line:
+        entry = confirmed.get(str(n))
+        tag = "baseline" if done[n].baseline else f"#{n}" + (
             " ✓" if entry and entry["confirmed"] else " ✗" if entry else "")
-        ax.annotate(tag, (t.user_attrs[x_metric], t.user_attrs[y_metric]), textcoords="offset points",
+        ax.annotate(tag, (done[n].metrics[x_metric], done[n].metrics[y_metric]), textcoords="offset points",
                     xytext=(5, 6), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -2,16 +2,16 @@
 
     python bench/search_efficiency.py [--landscape bench/landscape.csv] [--seeds 5] [--trials 40]
 
-Replays ``bench/landscape.csv`` (written by ``bench/record_landscape.py``) as the target of a
-study built like ``autotune.study``: the spec's objectives (p95 latency, CPU limit), the sampler
-from ``autotune.samplers.make_sampler(name, seed)``, the parameters proposed with the study's
-own ``suggest`` over the grid's bounds (log scale for the limits and the CPU), and the constraints
-(error rate, throughput) set with ``Trial.set_constraint`` from the recorded error_rate and
-throughput_ratio. Each proposal is snapped to the nearest grid point (in log space for the limits
-and the CPU, nearest value for concurrency) and answered with the recorded p95 times lognormal
-noise whose sigma is that config's measured coefficient of variation (seeded); the CPU limit is
-exact. A config whose recording failed fails the trial, as in a real study. Like a real study,
-trial 0 is the Istio-default baseline (its nearest grid point) unless --no-baseline.
+Runs the real study loop (``autotune.study.run_study``) on ``bench/landscape.csv`` (written by
+``bench/record_landscape.py``) through ``autotune.testing.replay``: a ``ReplayTarget`` and a
+``ReplayDriver`` sharing ``Landscape.from_csv``. The study is the spec's (objectives p95 latency
+and CPU limit, its constraints) with the sampler by name and seed, over the grid's bounds (log
+scale for the limits and the CPU), one window per trial, no drift checks and no confirmation, in a
+temporary SQLite storage. Each proposal is answered by its nearest grid point (in log space for
+the limits and the CPU, by value for concurrency) with the recorded figures, the p95 varied per
+window by lognormal noise whose sigma is that config's measured coefficient of variation (seeded);
+the CPU limit is exact. Like every study, trial 0 is the Istio-default baseline (its nearest grid
+point: 2000m, 2 workers, limits 1024).
 
 After each trial it computes the 2-D hypervolume of the feasible Pareto front (recorded, noise-free
 values of the configs tried so far; reference point = (--ref-factor, default 2, x the best
@@ -31,29 +31,23 @@ import math
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
 
 from _results import machine, replace_section
-from autotune.mesh import PARAMETERS, MeshConfig
-from autotune.spec import SearchParam, StudySpec, load_spec
-from autotune.study import CONSTRAINT_NAMES, constraint_values, make_sampler, suggest
+from autotune.mesh import MeshConfig
+from autotune.spec import StudySpec, load_spec
+from autotune.study import TrialRecord, run_study
+from autotune.testing.replay import GRID_COLUMNS, Landscape, RecordedGrid, ReplayDriver, ReplayTarget
 
 SECTION = "## Search efficiency (recorded landscape)"
-#: Grid columns of the landscape CSV, by Istio name.
-PARAM_COLUMNS = ("proxy.cpuLimit", "proxy.concurrency", "connectionPool.tcp.maxConnections",
-                 "connectionPool.http.http1MaxPendingRequests")
-#: The grid point standing in for Istio's defaults (2000m, ceil(2) workers, limits "unset").
-BASELINE = {"proxy.cpuLimit": 2.0, "proxy.concurrency": 2, "connectionPool.tcp.maxConnections": 1024,
-            "connectionPool.http.http1MaxPendingRequests": 1024}
 CHECKPOINTS = (10, 20, 30, 40)
 THRESHOLDS = (0.90, 0.95)
 REF_CPU = 2.2
@@ -61,36 +55,26 @@ REF_CPU = 2.2
 
 @dataclass(frozen=True)
 class Point:
-    """One recorded grid point."""
+    """One recorded grid point, noise-free."""
 
     p95: float
-    p95_cv: float
     cpu: float
-    error_rate: float
-    throughput_ratio: float
     feasible: bool
     failed: bool
 
 
-class Landscape:
-    """The recorded grid: lookup by snapped config, the search space, the reference front."""
+class Grid:
+    """The recorded grid: the recorded point of each config, the reference front."""
 
-    def __init__(self, frame: pd.DataFrame, ref_factor: float = 2.0) -> None:
-        self.values: dict[str, list[float]] = {
-            name: sorted({float(v) for v in frame[name]}) for name in PARAM_COLUMNS}
+    def __init__(self, grid: RecordedGrid, ref_factor: float = 2.0) -> None:
+        self.grid = grid
+        self.values = grid.values
         self.points: dict[tuple[float, ...], Point] = {}
-        for _, row in frame.iterrows():
-            p95 = float(row["latency_p95_ms"]) if pd.notna(row["latency_p95_ms"]) else math.nan
+        for key, row in grid.rows.items():
+            p95 = _number(row["latency_p95_ms"])
             failed = not math.isfinite(p95)
-            self.points[self.key({n: float(row[n]) for n in PARAM_COLUMNS})] = Point(
-                p95=p95,
-                p95_cv=float(row["cv_latency_p95_ms"]) if pd.notna(row["cv_latency_p95_ms"]) else 0.0,
-                cpu=float(row["cpu_reserved_cores"]),
-                error_rate=float(row["error_rate"]) if pd.notna(row["error_rate"]) else 1.0,
-                throughput_ratio=float(row["throughput_ratio"]) if pd.notna(row["throughput_ratio"]) else 0.0,
-                feasible=_truthy(row["feasible"]) and not failed,
-                failed=failed,
-            )
+            self.points[key] = Point(p95=p95, cpu=float(row["cpu_reserved_cores"]),
+                                     feasible=_truthy(row["feasible"]) and not failed, failed=failed)
         feasible = [p for p in self.points.values() if p.feasible]
         if not feasible:
             raise SystemExit("the landscape has no feasible config; nothing to compare against")
@@ -103,30 +87,27 @@ class Landscape:
             for q in self.points.values())}
         self.best_hv = hypervolume([(p.p95, p.cpu) for p in feasible], self.ref)
 
-    @staticmethod
-    def key(params: dict[str, float]) -> tuple[float, ...]:
-        return tuple(round(float(params[n]), 6) for n in PARAM_COLUMNS)
+    def key(self, config: MeshConfig) -> tuple[float, ...]:
+        """The grid point a config is answered by."""
+        return self.grid.key(self.grid.snap(config))
 
-    def space(self) -> list[SearchParam]:
-        """The study's search space over the grid's bounds (log for the limits and the CPU)."""
-        out = []
-        for name in PARAM_COLUMNS:
-            info, vals = PARAMETERS[name], self.values[name]
-            out.append(SearchParam(name=name, info=info, low=vals[0], high=vals[-1],
-                                   log=name != "proxy.concurrency"))
-        return out
-
-    def snap(self, config: MeshConfig) -> dict[str, float]:
-        """The nearest grid point: in log space for limits and CPU, by value for concurrency."""
-        params = config.to_params()
-        out: dict[str, float] = {}
-        for name in PARAM_COLUMNS:
-            vals, v = self.values[name], float(params[name])
-            if name == "proxy.concurrency":
-                out[name] = min(vals, key=lambda g: (abs(g - v), g))
+    def parameters(self) -> dict[str, dict[str, object]]:
+        """The spec's parameters over the grid's bounds (log for the limits and the CPU)."""
+        out: dict[str, dict[str, object]] = {}
+        for name in GRID_COLUMNS:
+            low, high = self.values[name][0], self.values[name][-1]
+            if name == "proxy.cpuLimit":
+                out[name] = {"low": low, "high": high, "log": True}
             else:
-                out[name] = min(vals, key=lambda g: (abs(math.log(g) - math.log(v)), g))
+                out[name] = {"low": int(low), "high": int(high), "log": name != "proxy.concurrency"}
         return out
+
+
+def _number(raw: str) -> float:
+    try:
+        return float(raw) if raw else math.nan
+    except ValueError:
+        return math.nan
 
 
 def _truthy(value: object) -> bool:
@@ -143,39 +124,32 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
     return sum((x_next - x) * (ref[1] - y) for (x, y), x_next in zip(front, edges, strict=True))
 
 
-def run_replay(land: Landscape, spec: StudySpec, sampler_name: str, seed: int, trials: int,
-               baseline: bool) -> tuple[list[float], int]:
-    """One replayed study: the normalized hypervolume after each trial, and how many of the
-    grid's Pareto-optimal configs it tried."""
-    sampler = make_sampler(sampler_name, seed)
-    study = optuna.create_study(directions=[o.direction for o in spec.objectives], sampler=sampler)
-    space = land.space()
-    if baseline:
-        study.enqueue_trial(BASELINE)
-    noise = np.random.default_rng([seed, 20260101])
+def replay_spec(spec: StudySpec, grid: Grid, sampler: str, seed: int, trials: int, storage: str) -> StudySpec:
+    """The spec's study as replayed: the grid's space, one window per trial, no drift or confirmation."""
+    return spec.with_overrides(**{
+        "study.name": f"replay-{sampler}-{seed}", "study.storage": storage, "study.sampler": sampler,
+        "study.seed": seed, "study.trials": trials, "parameters": grid.parameters(),
+        "measurement.repeats": 1, "measurement.max_repeats": 1, "measurement.drift_every": 0,
+        "measurement.confirm_rounds": 0})
+
+
+def run_replay(grid: Grid, landscape_csv: Path, spec: StudySpec, sampler: str, seed: int,
+               trials: int) -> tuple[list[float], int]:
+    """One study through ``run_study`` on the replayed landscape: the normalized hypervolume
+    after each trial, and how many of the grid's Pareto-optimal configs it tried."""
+    land = Landscape.from_csv(landscape_csv, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="autotune-replay-") as tmp:
+        study_spec = replay_spec(spec, grid, sampler, seed, trials, f"sqlite:///{tmp}/replay.db")
+        study = run_study(study_spec, target=ReplayTarget(land), load=ReplayDriver(land))
+        keys = [grid.key(TrialRecord.read(t).config) for t in study.get_trials(deepcopy=False)]
     found: list[tuple[float, float]] = []
     curve: list[float] = []
-    tried: set[tuple[float, ...]] = set()
-    for _ in range(trials):
-        trial = study.ask()
-        params = land.snap(suggest(trial, space))
-        point = land.points[land.key(params)]
-        tried.add(land.key(params))
-        trial.set_user_attr("grid", params)
-        if point.failed:
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            p95 = point.p95 * float(np.exp(noise.normal(0.0, point.p95_cv)))
-            metrics = {"latency_p95_ms": p95, "cpu_reserved_cores": point.cpu,
-                       "error_rate": point.error_rate, "throughput_ratio": point.throughput_ratio}
-            for name, value in zip(CONSTRAINT_NAMES, constraint_values(spec.constraints, metrics),
-                                   strict=True):
-                trial.set_constraint(name, value)
-            study.tell(trial, [metrics[o.metric] for o in spec.objectives])
-            if point.feasible:
-                found.append((point.p95, point.cpu))
-        curve.append(hypervolume(found, land.ref) / land.best_hv)
-    return curve, len(tried & land.front)
+    for key in keys:
+        point = grid.points[key]
+        if point.feasible:
+            found.append((point.p95, point.cpu))
+        curve.append(hypervolume(found, grid.ref) / grid.best_hv)
+    return curve, len(set(keys) & grid.front)
 
 
 def first_reaching(curve: list[float], threshold: float) -> float:
@@ -214,17 +188,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="trials per study (the baseline counts)")
     parser.add_argument("--ref-factor", type=float, default=2.0,
                         help="reference p95 = this x the best feasible p95 of the landscape")
-    parser.add_argument("--no-baseline", action="store_true", help="do not start with the Istio-default point")
     parser.add_argument("--results", type=Path, default=Path("bench/RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)
+    logging.getLogger("autotune").setLevel(logging.ERROR)  # failed grid points are data here
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     spec = load_spec(args.spec)
     frame = pd.read_csv(args.landscape)
-    land = Landscape(frame, args.ref_factor)
+    land = Grid(RecordedGrid.read(args.landscape), args.ref_factor)
     grid_size = math.prod(len(v) for v in land.values.values())
     front = [p for p in land.points.values() if p.feasible]
     notes = [f"landscape: {args.landscape} ({len(frame)} of {grid_size} grid configs, "
@@ -246,7 +220,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     for name in names:
         t0 = time.monotonic()
-        runs = [run_replay(land, spec, name, seed, args.trials, not args.no_baseline)
+        runs = [run_replay(land, args.landscape, spec, name, seed, args.trials)
                 for seed in range(args.seeds)]
         curves[name] = [curve for curve, _ in runs]
         fronts[name] = [found for _, found in runs]
@@ -261,8 +235,9 @@ def main() -> None:
         *(f"- {n}" for n in notes),
         f"- HV@n: median over seeds 0..{args.seeds - 1} of the hypervolume of the feasible front "
         "(recorded values of the configs tried) after n trials / the whole grid's; "
-        "trials to x%: median over seeds, never = not reached (seeds that reached it)"
-        + ("; the first trial is the Istio-default baseline" if not args.no_baseline else ""),
+        "trials to x%: median over seeds, never = not reached (seeds that reached it); "
+        "the first trial is the Istio-default baseline; each study is `run_study` on the replay "
+        "target and driver",
         f"- front found: median over seeds of how many of the grid's {len(land.front)} Pareto-optimal "
         "configs (recorded values: " + ", ".join(
             f"{land.points[k].p95:.2f} ms @ {land.points[k].cpu:g} cores"

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
 
 from _results import write_section
 from autotune.spec import load_spec
-from autotune.study import run_study
+from autotune.study import TrialRecord, run_study
 from search_efficiency import REF_CPU, hypervolume
 
 
@@ -31,8 +30,8 @@ def points(study: optuna.Study) -> list[tuple[float, float] | None]:
     """Per trial in order: (p95, CPU limit) if it completed feasibly, else None."""
     out: list[tuple[float, float] | None] = []
     for t in study.get_trials(deepcopy=False):
-        ok = t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")
-        out.append((t.user_attrs["latency_p95_ms"], t.user_attrs["cpu_reserved_cores"]) if ok else None)
+        rec = TrialRecord.read(t)  # feasible: completed, within every constraint
+        out.append((rec.metrics["latency_p95_ms"], rec.metrics["cpu_reserved_cores"]) if rec.feasible else None)
     return out
 
 

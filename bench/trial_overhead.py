@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from _results import write_section
 from autotune.mesh import MeshConfig
 from autotune.spec import load_spec
-from autotune.study import TrialOutcome, make_storage, run_study
+from autotune.study import TrialOutcome, TrialRecord, make_storage, run_study
 
 
 class Stopwatch:
@@ -96,7 +96,7 @@ def recorded(study_name: str, storage: str) -> str:
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage))
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        tm = t.user_attrs.get("timings") or {}
+        tm = TrialRecord.read(t).timings
         if tm:
             rows.append({"trial": t.number, **{k: tm[k] for k in ("apply_s", "ready_s", "load_s", "total_s",
                                                                    "window_s")}})
