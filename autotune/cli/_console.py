@@ -8,13 +8,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import pandas as pd
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from autotune.export import TextTable
 from autotune.mesh import MeshConfig
 from autotune.study import METRIC_LABELS, TrialOutcome
 
@@ -112,38 +112,19 @@ class RichObserver:
         return f"front ({units}): {', '.join(cells)}{more}"
 
 
-def pareto_table(frame: pd.DataFrame, objectives: list[str], title: str) -> Table:
-    """The Pareto configs with their objectives and the change against the baseline."""
-    table = Table(title=title, show_lines=False)
-    table.add_column("trial", justify="right")
-    table.add_column("config", overflow="fold", min_width=24)
-    for metric in objectives:
-        table.add_column(METRIC_LABELS.get(metric, metric), justify="right")
-        table.add_column("vs base", justify="right")
-    table.add_column("rps", justify="right")
-    table.add_column("errors", justify="right")
-    confirmed = "confirmed" in frame and frame["confirmed"].notna().any()
-    if confirmed:
-        first = objectives[0]
-        table.add_column("confirmed", justify="center")
-        table.add_column(f"{METRIC_LABELS.get(first, first)} Δ (CI)", justify="right")
-    for _, row in frame.iterrows():
-        cells = [str(row["trial"]), "baseline (Istio defaults)" if row["baseline"] else str(row["config"])]
-        for metric in objectives:
-            cells.append(_fmt(row.get(metric)))
-            pct = row.get(f"{metric}_vs_baseline_pct")
-            cells.append("-" if pct is None or pd.isna(pct) else f"{pct:+.1f}%")
-        cells.append(_fmt(row.get("achieved_rps"), 0))
-        err = row.get("error_rate")
-        cells.append("-" if err is None or pd.isna(err) else f"{err:.1%}")
-        if confirmed:
-            ok = row.get("confirmed")
-            cells.append("-" if ok is None or pd.isna(ok) else ("[green]✓[/]" if ok else "[red]✗[/]"))
-            lo, hi = row.get(f"{first}_ci_low_pct"), row.get(f"{first}_ci_high_pct")
-            mean = row.get(f"{first}_confirmed_change_pct")
-            cells.append("-" if mean is None or pd.isna(mean) else f"{mean:+.1f}% [{lo:+.1f}, {hi:+.1f}]")
-        table.add_row(*cells)
-    return table
+def print_table(table: TextTable) -> None:
+    """Print a table with every cell whole: in a terminal as a rich table whose cells fold onto
+    more lines when narrow; elsewhere (a pipe, a Kubernetes Job's log) as plain padded columns,
+    however wide, since there is no terminal width to fit."""
+    if not console.is_terminal:
+        console.print(table.plain(), markup=False, highlight=False, soft_wrap=True)
+        return
+    out = Table(title=escape(table.title))
+    for header, right in zip(table.headers, table.right, strict=True):
+        out.add_column(escape(header), justify="right" if right else "left", overflow="fold")
+    for row in table.rows:
+        out.add_row(*map(escape, row))
+    console.print(out)
 
 
 def metrics_table(metrics: dict[str, float], title: str) -> Table:

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import click
 import optuna
 
-from autotune.cli._console import RichObserver, console, metrics_table, pareto_table, setup_logging
+from autotune.cli._console import RichObserver, console, metrics_table, print_table, setup_logging
 from autotune.errors import AutotuneError
-from autotune.export import export_study, front_with_baseline, pareto_frame, results_dir
+from autotune.export import export_study, front_with_baseline, pareto_frame, pareto_text_table, results_dir
 from autotune.mesh import PARAMETERS, MeshConfig, parse_cpu
 from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec
 from autotune.study import make_storage, redact, run_single, run_study, study_objectives
@@ -52,7 +52,8 @@ def study() -> None:
 def _overrides(spec: StudySpec, **opts: Any) -> StudySpec:
     keys = {"study_name": "study.name", "trials": "study.trials", "storage": "study.storage",
             "sampler": "study.sampler", "seed": "study.seed", "duration": "load.duration",
-            "warmup": "load.warmup", "results_dir": "study.results_dir"}
+            "warmup": "load.warmup", "results_dir": "study.results_dir",
+            "artifacts_dir": "study.artifacts_dir"}
     changes = {keys[k]: v for k, v in opts.items() if v is not None}
     return spec.with_overrides(**changes) if changes else spec
 
@@ -67,6 +68,7 @@ def _spec_options(f: F) -> F:
         click.option("--duration", type=float, help="Measurement window, seconds."),
         click.option("--warmup", type=float, help="Warm-up before the window, seconds."),
         click.option("--results-dir", help="Where trials/<name>/ exports go."),
+        click.option("--artifacts-dir", help="Override study.artifactsDir (the trials' artifact store)."),
     ]):
         f = opt(f)
     return f
@@ -132,7 +134,7 @@ def _print_pareto(st: optuna.Study) -> None:
         console.print("[yellow]No feasible trial yet:[/] every measured config broke a constraint "
                       "or failed. See trials.csv for the reasons.")
         return
-    console.print(pareto_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))
+    print_table(pareto_text_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))
 
 
 @main.command()
@@ -164,12 +166,16 @@ def export(name: str, storage: str, out: Path) -> None:
 @main.command()
 @storage_option
 @click.option("--port", default=8080, show_default=True)
-def dashboard(storage: str, port: int) -> None:
-    """Serve optuna-dashboard for the storage on 127.0.0.1 (the URL stays out of argv and logs)."""
-    from optuna_dashboard import run_server
+@click.option("--artifacts-dir", envvar="AUTOTUNE_ARTIFACTS_DIR", default="trials/artifacts", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The trials' artifact store (a spec's study.artifactsDir, default <resultsDir>/artifacts).")
+def dashboard(storage: str, port: int, artifacts_dir: Path) -> None:
+    """Serve optuna-dashboard for the storage on 127.0.0.1 (the URL stays out of argv and logs).
+    Only feasible trials are marked best; each trial lists its constraints and artifacts."""
+    from autotune.cli._dashboard import serve
 
     console.print(f"optuna-dashboard on http://127.0.0.1:{port}/ for {redact(storage)} (Ctrl-C stops)")
-    run_server(make_storage(storage), host="127.0.0.1", port=port)
+    serve(make_storage(storage), "127.0.0.1", port, artifacts_dir)
 
 
 @main.group()

@@ -13,15 +13,18 @@ from autotune.export._files import (
     trial_row,
     trials_frame,
 )
+from autotune.export._table import TextTable, pareto_text_table
 from autotune.study import MANIFESTS
 
 __all__ = [
     "MANIFESTS",
     "METRIC_COLUMNS",
     "Exported",
+    "TextTable",
     "export_study",
     "front_with_baseline",
     "pareto_frame",
+    "pareto_text_table",
     "results_dir",
     "trial_row",
     "trials_frame",

@@ -55,6 +55,8 @@ class StudySettings(_Model):
     trials: int = Field(default=10, ge=1, le=10000)
     seed: int | None = None
     results_dir: str = "trials"
+    #: Optuna artifact store (a directory) for each trial's files; default ``<resultsDir>/artifacts``.
+    artifacts_dir: str | None = None
 
 
 class ParamRange(_Model):

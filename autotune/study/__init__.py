@@ -24,6 +24,7 @@ from autotune.study._measure import Measurement, default_driver, measure_config
 from autotune.study._objectives import (
     CONSTRAINT_NAMES,
     METRIC_LABELS,
+    METRIC_NAMES,
     constraint_values,
     objective_values,
     violations,
@@ -46,6 +47,7 @@ __all__ = [
     "INTERRUPTED",
     "MANIFESTS",
     "METRIC_LABELS",
+    "METRIC_NAMES",
     "Change",
     "Measurement",
     "NullObserver",

@@ -15,6 +15,14 @@ METRIC_LABELS: dict[str, str] = {
     "cpu_cores": "CPU cores",
     "cpu_reserved_cores": "CPU limit",
 }
+#: Readable metric names, set on the study (``Study.set_metric_names``) for the dashboard's axes.
+METRIC_NAMES: dict[str, str] = {
+    "latency_p50_ms": "p50 latency (ms)",
+    "latency_p95_ms": "p95 latency (ms)",
+    "latency_p99_ms": "p99 latency (ms)",
+    "cpu_cores": "CPU used (cores)",
+    "cpu_reserved_cores": "CPU limit (cores)",
+}
 CONSTRAINT_NAMES = ("error_rate", "throughput_ratio")
 
 
