@@ -1,4 +1,5 @@
-"""Exports of a study: ``trials.csv``, ``pareto.csv``, ``pareto.html`` and ready-to-apply manifests."""
+"""Exports of a study: ``trials.csv``, ``pareto.csv``, ready-to-apply manifests, and the report
+(``report.md``/``report.html``/``pareto.html``, see ``_report``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.export._report import write_report
 from autotune.mesh import PARAMETERS, format_cpu
 from autotune.spec import StudySpec
 from autotune.study import (
@@ -20,6 +22,7 @@ from autotune.study import (
     confirmation_of,
     pareto_trials,
     study_objectives,
+    study_spec,
 )
 
 METRIC_COLUMNS = [
@@ -138,15 +141,8 @@ def export_study(study: optuna.Study, out_dir: Path) -> Exported:
         for name in MANIFESTS:
             (d / name).write_text(manifests[name], encoding="utf-8")
         dirs.append(d)
-    _write_plot(study, out_dir / "pareto.html")
+    # report.md, report.html, pareto.html; the report is also the study's note in the dashboard.
+    write_report(study, out_dir, trials_frame(study), pareto_frame(study), front_with_baseline(study),
+                 objectives=study_objectives(study) or [], spec=study_spec(study),
+                 confirmation=confirmation_of(study))
     return Exported(out_dir, trials_csv, pareto_csv, dirs)
-
-
-def _write_plot(study: optuna.Study, path: Path) -> None:
-    """The Pareto front as an interactive plotly page (infeasible trials greyed out)."""
-    metrics = study_objectives(study) or []
-    if len(metrics) not in (2, 3) or (baseline_trial(study) is None and not pareto_trials(study)):
-        return
-    # Feasibility comes from the constraints each trial set (Trial.set_constraint).
-    fig = optuna.visualization.plot_pareto_front(study, target_names=metrics)
-    fig.write_html(path, include_plotlyjs="cdn")

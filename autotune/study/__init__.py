@@ -37,6 +37,7 @@ from autotune.study._record import (
     confirmation_of,
     is_feasible,
     study_objectives,
+    study_spec,
 )
 from autotune.study._sampler import make_sampler
 from autotune.study._stats import Change, aggregate, cv, paired_change
@@ -78,6 +79,7 @@ __all__ = [
     "run_single",
     "run_study",
     "study_objectives",
+    "study_spec",
     "suggest",
     "violations",
 ]

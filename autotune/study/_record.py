@@ -184,6 +184,11 @@ def init_study_record(study: optuna.Study, objectives: Sequence[str], spec: Mapp
     study.set_user_attr(_SPEC, dict(spec))
 
 
+def study_spec(study: optuna.Study) -> dict[str, Any]:
+    """The spec the study was created with, as JSON data (camelCase keys); ``{}`` if none."""
+    return dict(study.user_attrs.get(_SPEC) or {})
+
+
 def confirmation_of(study: optuna.Study) -> dict[str, Any] | None:
     """The stored confirmation result (see ``confirm_front``), if any."""
     value = study.user_attrs.get(_CONFIRMATION)
