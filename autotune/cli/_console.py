@@ -52,6 +52,7 @@ class RichObserver:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), console=console, transient=False,
+            disable=not console.is_terminal,  # a job log gets the per-trial lines, not cropped bars
         )
         self.study_task: TaskID | None = None
         self.phase_task: TaskID | None = None

@@ -17,7 +17,13 @@ from autotune.spec import SearchParam, StudySpec
 from autotune.study._confirm import confirm_front
 from autotune.study._front import baseline_trial, pareto_trials
 from autotune.study._measure import Measurement, default_driver, measure_config
-from autotune.study._objectives import CONSTRAINT_NAMES, constraint_values, objective_values, violations
+from autotune.study._objectives import (
+    CONSTRAINT_NAMES,
+    METRIC_NAMES,
+    constraint_values,
+    objective_values,
+    violations,
+)
 from autotune.study._progress import NullObserver, Observer, TrialOutcome
 from autotune.study._record import (
     StudyState,
@@ -88,6 +94,7 @@ def open_study(spec: StudySpec) -> optuna.Study:
             f"study {spec.study.name!r} already exists with objectives {existing}, not {metrics}; "
             "choose another name with --study-name"
         )
+    study.set_metric_names([METRIC_NAMES.get(m, m) for m in metrics])  # the dashboard's axis titles
     return study
 
 
