@@ -78,7 +78,11 @@ def pareto_figure(study_name: str, objectives: Sequence[str], trials: pd.DataFra
         fig.add_trace(go.Scatter(x=rows[x], y=rows[y], name=name, text=text,
                                  hovertemplate="%{text}<br>%{x:.3f}, %{y:.3f}<extra></extra>", **style[name]))
     fig.update_layout(title=f"{study_name}: Pareto front of the feasible trials",
-                      xaxis_title=metric_name(x), yaxis_title=metric_name(y), legend_title="trials")
+                      xaxis_title=metric_name(x), yaxis_title=metric_name(y),
+                      legend=dict(orientation="h", yanchor="top", y=-0.2))
+    xs = done[x].dropna()
+    if not xs.empty and xs.min() > 0 and xs.max() / xs.min() > 20:  # e.g. a starved config at 300 ms
+        fig.update_xaxes(type="log")
     return fig
 
 

@@ -28,6 +28,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import Trial
 
 from autotune.spec import StudySpec
+from autotune.study._measure import Measurement
 
 logger = logging.getLogger(__name__)
 #: Percentiles each window records, with the probability they stand for.
@@ -106,3 +107,17 @@ def upload_trial_files(store: FileSystemArtifactStore, trial: Trial, files: Mapp
                                        mimetype=_MIMETYPES.get(path.suffix)))
     logger.debug("trial %d: %d artifacts uploaded", trial.number, len(ids))
     return ids
+
+
+def upload_measurement(store: FileSystemArtifactStore, trial: Trial, manifests: Mapping[str, str],
+                       m: Measurement) -> list[str]:
+    """The loop's one call, after a measured trial is recorded and before it completes: upload its
+    manifests, windows, latency chart and proxy report. An upload error is logged, never fatal
+    (the trial's record is already complete without its files)."""
+    files = trial_files(manifests, m.windows, {"status_counts": m.status_counts, "observed": m.observed},
+                        f"trial {trial.number}")
+    try:
+        return upload_trial_files(store, trial, files)
+    except OSError as exc:
+        logger.warning("trial %d: could not store its artifacts: %s", trial.number, exc)
+        return []

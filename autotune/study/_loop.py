@@ -14,6 +14,7 @@ from autotune.errors import AutotuneError, FailReason, TrialFailed
 from autotune.load import LoadDriver
 from autotune.mesh import PARAMETERS, MeshConfig, deployment_patch, destination_rule, to_yaml
 from autotune.spec import SearchParam, StudySpec
+from autotune.study._artifacts import artifacts_dir, open_store, upload_measurement
 from autotune.study._confirm import confirm_front
 from autotune.study._front import baseline_trial, pareto_trials
 from autotune.study._measure import Measurement, default_driver, measure_config
@@ -125,6 +126,7 @@ class _Objective:
                  total: int) -> None:
         self.spec, self.target, self.load, self.observer, self.total = spec, target, load, observer, total
         self.space = spec.search_space()
+        self.store = open_store(artifacts_dir(spec))
 
     def __call__(self, trial: Trial) -> list[float]:
         baseline, drift_check = queued_flags(trial)
@@ -143,6 +145,8 @@ class _Objective:
             replace(record, fail_reason=FailReason.INTERRUPTED).write(trial)
             raise
         self._finish(trial, record, measured)
+        # Artifacts (manifests, windows, latency chart) for the dashboard, once the trial is recorded.
+        upload_measurement(self.store, trial, record.manifests, measured)
         return values
 
     def _start(self, trial: Trial, config: MeshConfig, baseline: bool, drift_check: bool) -> TrialRecord:
