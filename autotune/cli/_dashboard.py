@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from autotune.errors import AutotuneError
-from autotune.study import CONSTRAINT_NAMES
+from autotune.study import CONSTRAINT_NAMES, TrialRecord, is_feasible
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,9 @@ def constraint_list(trial: FrozenTrial) -> list[float]:
 
 
 def counts_for_front(trial: FrozenTrial) -> bool:
-    """May be on the dashboard's front: COMPLETE, constraints stored and each ≤ 0, not a drift check."""
-    values = constraint_list(trial)
-    return (trial.state == TrialState.COMPLETE and bool(values) and all(v <= 0 for v in values)
-            and not trial.user_attrs.get("drift_check"))
+    """May be on the dashboard's front: feasible (COMPLETE, constraints stored and each ≤ 0) and not
+    a baseline drift check — the rule of ``pareto_trials``, so the dashboard's best are ``autotune pareto``'s."""
+    return is_feasible(trial) and not TrialRecord.read(trial).drift_check
 
 
 def _internal(module: str, name: str, params: Sequence[str]) -> Callable[..., Any]:
@@ -93,8 +92,7 @@ def _display_attrs(trial: FrozenTrial) -> list[dict[str, str]]:
     named = named_constraints(trial)
     if not named:
         return []
-    met = trial.state == TrialState.COMPLETE and all(v <= 0 for _, v in named)
-    return [{"key": "feasible", "value": "yes" if met else "no"}] + [
+    return [{"key": "feasible", "value": "yes" if is_feasible(trial) else "no"}] + [
         {"key": f"constraint {name} (≤ 0 is met)", "value": f"{v:+.4g} ({'met' if v <= 0 else 'broken'})"}
         for name, v in named]
 
