@@ -40,7 +40,7 @@ from urllib3.util.retry import Retry
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.spec import PrometheusSpec
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # All PromQL in one place. Placeholders: $namespace, $workload (escaped string bodies), $pods (an
@@ -183,7 +183,7 @@ class PrometheusReader:
         minimum = 4 * self.spec.scrape_interval
         if w < minimum and w not in self._warned_windows:
             self._warned_windows.add(w)
-            log.warning("measurement window of %ds is shorter than 4 × the scrape interval (%gs): "
+            logger.warning("measurement window of %ds is shorter than 4 × the scrape interval (%gs): "
                         "Prometheus rates over it are noisy or empty", w, self.spec.scrape_interval)
         return w
 
@@ -209,7 +209,7 @@ class PrometheusReader:
         if len(result) != 1:
             raise TrialFailed(FailReason.METRICS, f"query returned {len(result)} series, expected one: {promql}")
         value = _sample_value(result[0])
-        log.debug("prometheus %s @%.3f = %s", promql, at, value)
+        logger.debug("prometheus %s @%.3f = %s", promql, at, value)
         return value
 
     def _query(self, promql: str, at: float | None) -> Any:

@@ -23,7 +23,7 @@ from kubernetes.config.config_exception import ConfigException
 from autotune.errors import TargetError
 from autotune.spec import KubernetesTargetSpec
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 config: Any = _config  # kube_config's loaders are untyped
 
 DR_GROUP, DR_VERSION, DR_PLURAL = "networking.istio.io", "v1", "destinationrules"
@@ -207,6 +207,6 @@ class KubeApi:
                              lambda: self._authz.create_self_subject_access_review(
                                  body, _headers={"Content-Type": "application/json"}, **self._opts))
         except ApiCallFailed as exc:
-            log.debug("access review unavailable: %s", exc)
+            logger.debug("access review unavailable: %s", exc)
             return None
         return bool((data.get("status") or {}).get("allowed"))

@@ -36,7 +36,7 @@ from autotune.targets.kubernetes._snapshot import (
     traffic_policy_of,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STAGING_LABEL = "autotune.io/staging"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "autotune"}
@@ -125,7 +125,7 @@ class KubernetesTarget(Target):
             self._release()
             raise
         self._started = True
-        log.info("kubernetes target ready: deployment %s/%s, destinationrule %s, load to %s",
+        logger.info("kubernetes target ready: deployment %s/%s, destinationrule %s, load to %s",
                  self.spec.namespace, self.spec.deployment, self.spec.destination_rule, self.load_url)
 
     def _connect(self) -> KubeApi:
@@ -179,7 +179,7 @@ class KubernetesTarget(Target):
         for verb, resource, group in needed:
             allowed = api.can_i(verb, resource, group)
             if allowed is None:
-                log.debug("SelfSubjectAccessReview unavailable; RBAC is checked by the calls themselves")
+                logger.debug("SelfSubjectAccessReview unavailable; RBAC is checked by the calls themselves")
                 return
             if not allowed:
                 missing.append(f"verb {verb!r} on {resource!r} (API group {group!r})")
@@ -196,7 +196,7 @@ class KubernetesTarget(Target):
                 raise TargetError(f"the study holds a baseline for {snap.namespace}/{snap.deployment} "
                                   f"(destinationrule {snap.destination_rule}), not {'/'.join(here[:2])}; "
                                   "use another study name")
-            log.warning("a previous run did not restore %s/%s; putting back the baseline it recorded",
+            logger.warning("a previous run did not restore %s/%s; putting back the baseline it recorded",
                         snap.namespace, snap.deployment)
             self._snapshot = snap
             self._restore_to(snap)
@@ -222,7 +222,7 @@ class KubernetesTarget(Target):
         except ApiCallFailed as exc:
             if exc.status != 409:
                 raise
-            log.info("conflict (%s); reading again and retrying once", exc.server_message)
+            logger.info("conflict (%s); reading again and retrying once", exc.server_message)
             step()
 
     def apply(self, config: MeshConfig) -> None:
@@ -233,7 +233,7 @@ class KubernetesTarget(Target):
         with self._trial_errors():
             self._retry_conflict(lambda: self._apply_dr(api, config))
             self._retry_conflict(lambda: self._apply_annotations(api, config))
-        log.debug("applied %s", config.describe())
+        logger.debug("applied %s", config.describe())
 
     def _apply_dr(self, api: KubeApi, config: MeshConfig) -> None:
         dr = self._get_dr(api)
@@ -301,11 +301,11 @@ class KubernetesTarget(Target):
         hashes = Counter(((p.get("metadata") or {}).get("labels") or {}).get("pod-template-hash") for p in pods)
         hashes.pop(None, None)
         if not hashes:
-            log.warning("no running pod of deployment %s carries a pod-template-hash; CPU is read for "
+            logger.warning("no running pod of deployment %s carries a pod-template-hash; CPU is read for "
                         "all its pods", self.spec.deployment)
             return None
         if len(hashes) > 1:
-            log.warning("pods of several ReplicaSets are running (%s); scoping CPU to the largest",
+            logger.warning("pods of several ReplicaSets are running (%s); scoping CPU to the largest",
                         dict(hashes))
         return hashes.most_common(1)[0][0]
 
@@ -382,14 +382,14 @@ class KubernetesTarget(Target):
         name = self.spec.destination_rule
         if dr is None:
             if snap.dr_exists:
-                log.warning("destinationrule %s was deleted by someone else; not recreating it", name)
+                logger.warning("destinationrule %s was deleted by someone else; not recreating it", name)
             return
         if not snap.dr_exists:
             labels = (dr.get("metadata") or {}).get("labels") or {}
             if all(labels.get(k) == v for k, v in MANAGED_BY.items()):
                 api.delete_destination_rule(name)
             else:
-                log.warning("destinationrule %s was created by someone else; leaving it", name)
+                logger.warning("destinationrule %s was created by someone else; leaving it", name)
             return
         patch = merge_patch(traffic_policy_of(dr), snap.traffic_policy)
         if patch != {}:
@@ -412,7 +412,7 @@ class KubernetesTarget(Target):
                 self.restore()
             except TargetError as exc:
                 failure = exc
-                log.error("%s; the snapshot stays in the study and the next start restores it", exc)
+                logger.error("%s; the snapshot stays in the study and the next start restores it", exc)
             else:
                 if self._store is not None:
                     self._store.set(STATE_KEY, None)

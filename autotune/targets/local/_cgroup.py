@@ -56,16 +56,6 @@ class CgroupSupport:
     parents: tuple[Path, ...] = ()
     reason: str = ""
 
-    @property
-    def cpu_parent(self) -> Path:
-        """The directory holding the ``cpu`` controller's files for new cgroups."""
-        return self.parents[0]
-
-    @property
-    def cpuacct_parent(self) -> Path:
-        """Where v1 usage is read (``cpuacct``); the cpu parent if mounted together or on v2."""
-        return self.parents[-1]
-
 
 @dataclass(frozen=True)
 class _Mount:

@@ -19,9 +19,9 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from autotune._process import log_tail, terminate
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.targets.local._cgroup import CpuCgroup
-from autotune.targets.local._upstream import _terminate
 
 logger = logging.getLogger(__name__)
 
@@ -177,15 +177,8 @@ class EnvoyProcess:
         there), else its last lines; each cut to ``width`` characters."""
         if self._stderr is not None and not self._stderr.closed:
             self._stderr.flush()
-        try:
-            text = (self.workdir / "envoy.log").read_text(errors="replace").strip()
-        except OSError:
-            return "(no log)"
-        all_lines = text.splitlines()
-        errors = [ln for ln in all_lines if "][critical][" in ln or "][error][" in ln]
-        chosen = (errors or all_lines)[-lines:]
-        cut = [ln if len(ln) <= width else ln[:width] + " …" for ln in chosen]
-        return "\n".join(cut) or "(empty log)"
+        text = log_tail(self.workdir / "envoy.log", lines, width, prefer=("][critical][", "][error]["))
+        return text or "(empty log)"
 
     def admin_get(self, path: str, timeout_s: float = 5.0) -> str:
         """GET an admin endpoint (e.g. ``/server_info``) and return the body."""
@@ -215,15 +208,10 @@ class EnvoyProcess:
                     return {k: int(v) for k, v in t.items() if k != "priority"}
         raise TargetError(f"envoy has no cluster {cluster_name!r}")
 
-    def stats(self) -> dict[str, int]:
-        """Counters and gauges by name (``/stats?format=json``, histograms left out)."""
-        data = json.loads(self.admin_get("/stats?format=json"))
-        return {s["name"]: int(s["value"]) for s in data.get("stats", []) if "value" in s}
-
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM by PID, wait, SIGKILL; close the log and delete the run's files. Idempotent."""
         if self.proc is not None:
-            _terminate(self.proc, timeout_s)
+            terminate(self.proc, timeout_s)
             logger.debug("envoy pid %s stopped (code %s)", self.proc.pid, self.proc.returncode)
         if self._stderr is not None:
             self._stderr.close()

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from autotune._process import log_tail, terminate
 from autotune.errors import TargetError
 
 logger = logging.getLogger(__name__)
@@ -271,14 +272,14 @@ class UpstreamProcess:
         if self._log is None:
             return ""
         self._log.flush()
-        text = Path(self._log.name).read_text(errors="replace").strip()
-        return ":\n" + "\n".join(text.splitlines()[-10:]) if text else ""
+        text = log_tail(Path(self._log.name))
+        return ":\n" + text if text else ""
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the process by its PID (SIGTERM, then SIGKILL) and release its pipes. Idempotent."""
         proc = self.proc
         if proc is not None:
-            _terminate(proc, timeout_s)
+            terminate(proc, timeout_s)
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
                     with contextlib.suppress(OSError):
@@ -286,21 +287,6 @@ class UpstreamProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """SIGTERM ``proc`` (by PID), wait, then SIGKILL; always reaps it."""
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("pid %s ignored SIGTERM; killing it", proc.pid)
-            proc.kill()
-            proc.wait()
-        except ProcessLookupError:
-            pass
-    proc.wait()
 
 
 if __name__ == "__main__":
