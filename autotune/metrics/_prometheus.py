@@ -10,12 +10,15 @@ shared/reference/istio-mapping.md §1d:
   does not leak into the sum;
 * latency is measured at the server's own sidecars (``reporter="destination"``).
 
-Each value is an instant query evaluated at the window's ``end`` over a range ``[W]`` with
-``W = round(end - start)`` whole seconds. ``rate()`` needs at least two samples in the range and is
-only trustworthy over several: keep ``W >= 4 × scrape_interval`` (a shorter window is logged as a
-warning; with fewer than two samples the query has no data and the trial fails with reason
-``metrics``). Samples reach Prometheus one scrape after they happen: query no earlier than
-:meth:`PrometheusReader.settled_at` ``(end)``.
+CPU and throttling cover exactly ``[start, end]``: the reader fetches each counter's raw samples
+around the window and takes its value at ``start`` and at ``end`` by linear interpolation between
+the samples that bracket them (counter resets handled), so no part of the window is left out. A
+window's last part only reaches Prometheus with the first scrape after ``end``:
+:meth:`PrometheusReader.wait_until_scraped` waits for it (at most one scrape interval plus a
+margin) and must be called before reading a window that just ended. Latency quantiles are
+``rate()`` over ``[W]`` (``W = round(end - start)`` whole seconds) evaluated at ``end``. Keep
+``W >= 4 × scrape_interval`` (a shorter window is logged as a warning); with no samples the trial
+fails with reason ``metrics``.
 
 The bearer token is read from ``prometheus.tokenFile`` or the environment variable
 ``prometheus.tokenEnv`` at every call (so a rotated projected token is picked up), sent as an
@@ -24,10 +27,12 @@ The bearer token is read from ``prometheus.tokenFile`` or the environment variab
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -47,18 +52,23 @@ logger = logging.getLogger(__name__)
 # escaped RE2 pattern, anchored by Prometheus), $window (e.g. "300s"), $quantile (e.g. "0.95").
 # --------------------------------------------------------------------------------------------------
 
-#: CPU cores used by the sidecars of the selected pods, summed over pods, averaged over the window.
-SIDECAR_CPU_CORES = Template(
-    "sum(rate(container_cpu_usage_seconds_total{"
-    'namespace="$namespace", container="istio-proxy", pod=~"$pods"}[$window]))'
+#: Raw samples of the sidecars' CPU-seconds counters (one series per pod) over the range.
+SIDECAR_CPU_SAMPLES = Template(
+    'container_cpu_usage_seconds_total{namespace="$namespace", container="istio-proxy", pod=~"$pods"}[$window]'
 )
-
-#: Share of CFS periods in which the sidecars were throttled (only exists with a CPU limit).
-SIDECAR_THROTTLED_RATIO = Template(
-    "sum(rate(container_cpu_cfs_throttled_periods_total{"
-    'namespace="$namespace", container="istio-proxy", pod=~"$pods"}[$window]))'
-    " / sum(rate(container_cpu_cfs_periods_total{"
-    'namespace="$namespace", container="istio-proxy", pod=~"$pods"}[$window]))'
+#: Raw samples of the sidecars' CFS period counters (only exist with a CPU limit).
+SIDECAR_PERIODS_SAMPLES = Template(
+    'container_cpu_cfs_periods_total{namespace="$namespace", container="istio-proxy", pod=~"$pods"}[$window]'
+)
+#: Raw samples of the sidecars' throttled CFS period counters.
+SIDECAR_THROTTLED_SAMPLES = Template(
+    "container_cpu_cfs_throttled_periods_total{"
+    'namespace="$namespace", container="istio-proxy", pod=~"$pods"}[$window]'
+)
+#: When the least recently scraped sidecar CPU series was last scraped (Unix time).
+SIDECAR_CPU_LAST_SCRAPE = Template(
+    'min(timestamp(container_cpu_usage_seconds_total{namespace="$namespace", container="istio-proxy", '
+    'pod=~"$pods"}))'
 )
 
 #: A latency quantile (ms) of the workload as measured at its own (server-side) sidecars.
@@ -93,10 +103,12 @@ def pods_pattern(deployment: str, pod_template_hash: str | None) -> str:
     return ANY_PODS.substitute(deployment=regex_literal(deployment))
 
 
-def render(template: Template, *, window_s: int, quantile: float | None = None, **labels: str) -> str:
+def render(template: Template, *, window_s: int | None = None, quantile: float | None = None,
+           **labels: str) -> str:
     """Fill a template: label values become escaped string bodies, the window ``<n>s``."""
     values = {k: promql_string(v) for k, v in labels.items()}
-    values["window"] = f"{window_s}s"
+    if window_s is not None:
+        values["window"] = f"{window_s}s"
     if quantile is not None:
         values["quantile"] = repr(float(quantile))
     return template.substitute(values)
@@ -130,23 +142,52 @@ class PrometheusReader:
         if not ok:
             raise TargetError(f"{self.url} does not look like Prometheus: 'vector(1)' answered {result!r:.200}")
 
+    def settled_by(self, end: float) -> float:
+        """When every sample of a window ending at ``end`` should be in Prometheus: one scrape
+        interval plus a margin of a second (scrape duration, ingestion)."""
+        return end + self.spec.scrape_interval + 1.0
+
+    def wait_until_scraped(self, namespace: str, deployment: str, pod_template_hash: str | None,
+                           end: float) -> None:
+        """Block until every sidecar CPU series of the pods has a sample at or after ``end`` (the
+        first scrape after the window), polling; give up at :meth:`settled_by` ``(end)`` and let
+        the reading say what is missing."""
+        promql = render(SIDECAR_CPU_LAST_SCRAPE, namespace=namespace,
+                        pods=pods_pattern(deployment, pod_template_hash))
+        deadline = self.settled_by(end)
+        poll = min(1.0, max(0.05, self.spec.scrape_interval / 5))
+        while True:
+            last = self._value(promql, at=None)
+            if last is not None and last >= end:
+                return
+            if time.time() >= deadline:
+                logger.warning("Prometheus has not scraped the sidecars past the window's end %.1f s "
+                               "after it (last scrape: %s)", time.time() - end, last)
+                return
+            time.sleep(poll)
+
     def sidecar_cpu_cores(self, namespace: str, deployment: str, pod_template_hash: str | None,
                           start: float, end: float) -> float:
-        """CPU cores used by the sidecars of the trial's pods over ``[start, end]`` (sum over pods)."""
-        promql = render(SIDECAR_CPU_CORES, window_s=self._window(start, end), namespace=namespace,
-                        pods=pods_pattern(deployment, pod_template_hash))
-        return self._required(promql, end)
+        """CPU cores used by the sidecars of the trial's pods over exactly ``[start, end]`` (sum
+        over pods), from each counter's values interpolated at both edges."""
+        self._window(start, end)
+        promql = self._samples_query(SIDECAR_CPU_SAMPLES, namespace, deployment, pod_template_hash,
+                                     start, end)
+        series = self._series(promql, end)
+        if not series:
+            raise TrialFailed(FailReason.METRICS, f"query returned no data: {promql}")
+        return sum(_increase(s, start, end, promql) for s in series) / (end - start)
 
     def throttled_ratio(self, namespace: str, deployment: str, pod_template_hash: str | None,
                         start: float, end: float) -> float | None:
-        """Share (0–1) of CFS periods in which the sidecars were throttled; ``None`` without data
-        (no CPU limit means no CFS periods are counted)."""
-        promql = render(SIDECAR_THROTTLED_RATIO, window_s=self._window(start, end), namespace=namespace,
-                        pods=pods_pattern(deployment, pod_template_hash))
-        value = self._value(promql, end)
-        if value is None or not math.isfinite(value):
-            return None
-        return value
+        """Share (0–1) of CFS periods in ``[start, end]`` in which the sidecars were throttled;
+        ``None`` without data (no CPU limit means no CFS periods are counted)."""
+        counts = []
+        for template in (SIDECAR_THROTTLED_SAMPLES, SIDECAR_PERIODS_SAMPLES):
+            promql = self._samples_query(template, namespace, deployment, pod_template_hash, start, end)
+            counts.append(sum(_increase(s, start, end, promql) for s in self._series(promql, end)))
+        throttled, periods = counts
+        return throttled / periods if periods > 0 else None
 
     def server_latency_ms(self, namespace: str, deployment: str, quantile: float,
                           start: float, end: float) -> float:
@@ -167,15 +208,6 @@ class PrometheusReader:
             raise TrialFailed(FailReason.METRICS, f"query returned {value}{hint}: {promql}")
         return value
 
-    def settled_at(self, end: float) -> float:
-        """When the samples of a window ending at ``end`` have all been scraped (one scrape
-        interval plus a second of margin): wait until then before reading the window."""
-        return end + self.spec.scrape_interval + 1.0
-
-    def query_value(self, promql: str, at: float) -> float | None:
-        """Any instant query returning one sample: its value at ``at``, or ``None`` if empty."""
-        return self._value(promql, at)
-
     # ---------------------------------------------------------------- internals
 
     def _window(self, start: float, end: float) -> int:
@@ -186,6 +218,25 @@ class PrometheusReader:
             logger.warning("measurement window of %ds is shorter than 4 × the scrape interval (%gs): "
                         "Prometheus rates over it are noisy or empty", w, self.spec.scrape_interval)
         return w
+
+    def _samples_query(self, template: Template, namespace: str, deployment: str,
+                       pod_template_hash: str | None, start: float, end: float) -> str:
+        """A raw-samples query evaluated at :meth:`settled_by` ``(end)`` reaching one scrape
+        interval (plus margin) before ``start``, so both edges are bracketed."""
+        reach = self.settled_by(end) - start + self.spec.scrape_interval + 1.0
+        return render(template, window_s=math.ceil(reach), namespace=namespace,
+                      pods=pods_pattern(deployment, pod_template_hash))
+
+    def _series(self, promql: str, end: float) -> list[list[tuple[float, float]]]:
+        """Each series' ``(time, value)`` samples of a range query evaluated at ``settled_by(end)``."""
+        result = self._query(promql, self.settled_by(end))
+        out = []
+        for item in result or []:
+            try:
+                out.append([(float(t), float(v)) for t, v in item["values"]])
+            except (KeyError, TypeError, ValueError):
+                raise TrialFailed(FailReason.METRICS, f"unexpected series from Prometheus: {item!r:.200}") from None
+        return out
 
     def _headers(self) -> dict[str, str]:
         token: str | None = None
@@ -202,14 +253,14 @@ class PrometheusReader:
                                   f"the Prometheus token variable {self.spec.token_env} is unset or empty")
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _value(self, promql: str, at: float) -> float | None:
+    def _value(self, promql: str, at: float | None) -> float | None:
         result = self._query(promql, at)
         if not result:
             return None
         if len(result) != 1:
             raise TrialFailed(FailReason.METRICS, f"query returned {len(result)} series, expected one: {promql}")
         value = _sample_value(result[0])
-        logger.debug("prometheus %s @%.3f = %s", promql, at, value)
+        logger.debug("prometheus %s @%s = %s", promql, at, value)
         return value
 
     def _query(self, promql: str, at: float | None) -> Any:
@@ -233,6 +284,34 @@ class PrometheusReader:
                                          f"(its answer to /api/v1/query has no data.result)") from None
         except requests.exceptions.RequestException as exc:
             raise TrialFailed(FailReason.METRICS, f"Prometheus at {self.url} unreachable: {_describe(exc)}") from None
+
+
+def _increase(samples: list[tuple[float, float]], start: float, end: float, promql: str) -> float:
+    """How much one counter grew over ``[start, end]``: its reset-adjusted value interpolated
+    linearly at both edges (a series that starts or stops inside counts from/to its own samples).
+
+    Raises ``TrialFailed(FailReason.METRICS, …)`` when no sample lies in or around the window.
+    """
+    adjusted: list[tuple[float, float]] = []
+    offset = 0.0
+    for i, (t, v) in enumerate(samples):
+        if i and v < samples[i - 1][1]:  # a counter reset (the container restarted)
+            offset += samples[i - 1][1]
+        adjusted.append((t, v + offset))
+    inside = [t for t, _ in adjusted if start <= t <= end]
+    if not adjusted or (not inside and (adjusted[0][0] > end or adjusted[-1][0] < start)):
+        raise TrialFailed(FailReason.METRICS, f"no sample of a series in the window: {promql}")
+    return max(0.0, _value_at(adjusted, end) - _value_at(adjusted, start))
+
+
+def _value_at(samples: list[tuple[float, float]], t: float) -> float:
+    """A counter's value at ``t``, linear between the samples bracketing it (clamped at the ends)."""
+    if t <= samples[0][0]:
+        return samples[0][1]
+    for (t0, v0), (t1, v1) in itertools.pairwise(samples):
+        if t0 <= t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
+    return samples[-1][1]
 
 
 def _sample_value(sample: dict[str, Any]) -> float:

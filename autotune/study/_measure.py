@@ -99,7 +99,7 @@ def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
     target.wait_ready(spec.timing.ready_timeout)
     if spec.timing.settle:
         time.sleep(spec.timing.settle)
-    observed = target.observed_config()
+    observed = target.observed().to_dict()
     t2 = time.monotonic()
     windows, counts = _load_run(target, spec, config, first, obs, driver)
     runs = 1

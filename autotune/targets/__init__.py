@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from autotune.spec import StudySpec
-from autotune.targets._base import ProxyUsage, Target
+from autotune.targets._base import Observed, ProxyUsage, StateStore, Target
 
-__all__ = ["ProxyUsage", "Target", "make_target"]
+__all__ = ["Observed", "ProxyUsage", "StateStore", "Target", "make_target"]
 
 
 def make_target(spec: StudySpec) -> Target:

@@ -2,17 +2,19 @@
 
 A trial runs ``apply → wait_ready → begin_window … (load) … end_window``; the study calls
 ``restore`` after the study, after a failed trial and on Ctrl-C. One conformance suite
-(``tests/test_target_conformance.py``) runs against every implementation.
+(``autotune.testing.conformance``, run by ``tests/test_target_conformance.py``) checks every
+implementation against the guarantees written here.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from types import TracebackType
 from typing import Any, Protocol
 
-from autotune.mesh import MeshConfig
+from autotune.mesh import PARAMETERS, MeshConfig
 from autotune.spec import SearchParam
 
 
@@ -34,6 +36,64 @@ class ProxyUsage:
         return self.throttled_periods / self.periods if self.periods else 0.0
 
 
+#: The ``MeshConfig`` fields of the DestinationRule's connection pool (the rest are sidecar settings).
+POOL_FIELDS = tuple(f.name for f in fields(MeshConfig) if f.name not in ("concurrency", "cpu_limit"))
+PARAMETERS_BY_FIELD = {p.field: p.name for p in PARAMETERS.values()}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the proxy actually runs with, read back from where it is enforced, in the same shape
+    for every target.
+
+    ``pool`` holds the connection-pool fields as the proxy (local: Envoy's admin) or the cluster
+    (Kubernetes: the stored DestinationRule) holds them, ``None`` where Istio's "unset" applies;
+    its ``concurrency`` and ``cpu_limit`` are always ``None``. ``concurrency`` is the worker
+    count in force, ``cpu_limit`` the CPU limit in force in cores (``None``: no limit).
+    ``details`` is free-form evidence for diagnostics (JSON-serialisable).
+    """
+
+    pool: MeshConfig
+    concurrency: int
+    cpu_limit: float | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pool.concurrency is not None or self.pool.cpu_limit is not None:
+            raise ValueError("Observed.pool holds connection-pool fields only; "
+                             f"got concurrency={self.pool.concurrency}, cpu_limit={self.pool.cpu_limit}")
+
+    @staticmethod
+    def expected(config: MeshConfig) -> Observed:
+        """What a target that put ``config`` in force must observe: its pool fields as given, the
+        concurrency and CPU limit once Istio's defaults are filled in."""
+        return Observed(pool=replace(config, concurrency=None, cpu_limit=None),
+                        concurrency=config.effective_concurrency, cpu_limit=config.effective_cpu_limit)
+
+    def differences(self, other: Observed) -> list[str]:
+        """One line per tuned field that differs from ``other`` (``details`` are ignored; CPU
+        limits are compared to the millicore)."""
+        out = [f"{PARAMETERS_BY_FIELD[name]}: {getattr(self.pool, name)} != {getattr(other.pool, name)}"
+               for name in POOL_FIELDS if getattr(self.pool, name) != getattr(other.pool, name)]
+        if self.concurrency != other.concurrency:
+            out.append(f"proxy.concurrency: {self.concurrency} != {other.concurrency}")
+        if not _same_cpu(self.cpu_limit, other.cpu_limit):
+            out.append(f"proxy.cpuLimit: {self.cpu_limit} != {other.cpu_limit}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the trial record: Istio-named pool values (unset ones left out), the worker count,
+        the CPU limit and the details."""
+        return {"pool": self.pool.to_params(), "concurrency": self.concurrency,
+                "cpu_limit": self.cpu_limit, "details": self.details}
+
+
+def _same_cpu(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, abs_tol=0.0005)
+
+
 class StateStore(Protocol):
     """Durable key/value state kept with the study (Optuna study user attributes), so that what a
     target must restore survives a crash and is found by the next start. Values are JSON."""
@@ -45,15 +105,30 @@ class StateStore(Protocol):
 class Target(ABC):
     """A place where mesh settings are applied and measured.
 
-    Guarantees every implementation gives:
+    Guarantees every implementation gives (``autotune.testing.conformance`` checks each):
+
     - ``start`` runs pre-flight checks and records the baseline; it raises ``TargetError`` with
-      what to fix when the target cannot be used, and leaves nothing behind when it does.
-    - ``apply`` puts exactly one ``MeshConfig`` in force (left-out settings at Istio's defaults);
-      ``wait_ready`` returns only once traffic is served with it, else raises ``TrialFailed``.
+      what to fix when the target cannot be used, and then leaves nothing behind (no process,
+      cgroup or temporary file; no change outside the process). Calling it again is a no-op;
+      after ``close`` it raises ``TargetError``.
+    - ``apply`` puts exactly one ``MeshConfig`` in force: every field it sets, and every field it
+      leaves out back at Istio's default, whatever was applied before. It raises
+      ``TrialFailed`` when the config is refused (``REJECTED``, ``PROXY_START``, ``API``…).
+      ``wait_ready(timeout_s)`` returns only once traffic is served with it, else raises
+      ``TrialFailed``. ``observed()`` then reports it (``Observed.expected(config)``).
     - ``begin_window``/``end_window`` bracket the measurement; ``end_window`` returns the proxy's
-      CPU use over exactly that interval.
-    - ``restore`` puts the baseline back and is safe to call at any point, any number of times.
-    - ``close`` restores and releases every process, cgroup or connection; idempotent.
+      CPU use over exactly that interval (``window_s`` is its wall-clock length). A second
+      ``begin_window`` starts the window again; ``end_window`` without an open window raises
+      ``TargetError``. ``end_window`` may block until the window's figures are available.
+    - ``restore`` puts the baseline back (``observed()`` equals what it was after ``start``); it
+      is a no-op before ``start``, after ``close`` and when the baseline is in force, and raises
+      ``TargetError`` (not ``TrialFailed``: it is not a trial's failure) when it cannot.
+    - ``close`` restores and releases every process, cgroup, file and connection, at any point
+      (before ``start``, after a failed ``start`` or ``apply``); a second call is a no-op. It
+      releases everything it can and then raises ``TargetError`` if anything could not be
+      restored or released.
+    - Every other method raises ``TargetError`` when the target is not started (or closed).
+
     Not thread-safe: one study drives one target.
     """
 
@@ -86,23 +161,26 @@ class Target(ABC):
 
     @abstractmethod
     def begin_window(self) -> None:
-        """Mark the start of the measurement window."""
+        """Mark the start of the measurement window (again, if one is open)."""
 
     @abstractmethod
     def end_window(self) -> ProxyUsage:
-        """Mark its end and return the proxy's CPU use over the window."""
+        """Mark its end and return the proxy's CPU use over the window; ``TargetError`` if no
+        window is open."""
 
-    def observed_config(self) -> dict[str, Any]:
-        """Evidence of what the proxy actually runs with (e.g. its concurrency), for the trial record."""
-        return {}
+    @abstractmethod
+    def observed(self) -> Observed:
+        """What the proxy runs with now, read back from where it is enforced (not from what was
+        sent). Raises ``TargetError`` when not started, ``TrialFailed`` when it cannot be read."""
 
     @abstractmethod
     def restore(self) -> None:
-        """Put the baseline back. Idempotent."""
+        """Put the baseline back. Idempotent; ``TargetError`` if it cannot."""
 
     @abstractmethod
     def close(self) -> None:
-        """Restore and release everything. Idempotent."""
+        """Restore and release everything. Idempotent; ``TargetError`` (after releasing what it
+        could) if something could not be restored or released."""
 
     def __enter__(self) -> Target:
         self.start()

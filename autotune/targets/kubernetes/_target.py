@@ -19,14 +19,14 @@ from typing import Any, Protocol
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.mesh import MeshConfig, destination_rule
 from autotune.spec import KubernetesTargetSpec, PrometheusSpec, ServiceRef, SidecarResources
-from autotune.targets._base import ProxyUsage, StateStore, Target
+from autotune.targets._base import Observed, ProxyUsage, StateStore, Target
 from autotune.targets.kubernetes._client import DR_GROUP, DR_PLURAL, ApiCallFailed, KubeApi, make_api_client
 from autotune.targets.kubernetes._desired import (
     annotation_patch,
     desired_annotations,
     desired_traffic_policy,
-    proxy_concurrency,
 )
+from autotune.targets.kubernetes._observe import observe
 from autotune.targets.kubernetes._rollout import wait_for_rollout
 from autotune.targets.kubernetes._snapshot import (
     STATE_KEY,
@@ -46,6 +46,8 @@ class MetricsReader(Protocol):
     """What the target needs from ``autotune.metrics.PrometheusReader``."""
 
     def check(self) -> None: ...
+    def wait_until_scraped(self, namespace: str, deployment: str, pod_template_hash: str | None,
+                           end: float) -> None: ...
     def sidecar_cpu_cores(self, namespace: str, deployment: str, pod_template_hash: str | None,
                           start: float, end: float) -> float: ...
     def throttled_ratio(self, namespace: str, deployment: str, pod_template_hash: str | None,
@@ -190,7 +192,13 @@ class KubernetesTarget(Target):
     def _take_snapshot(self, deployment: dict[str, Any], dr: dict[str, Any] | None) -> None:
         stored = self._store.get(STATE_KEY) if self._store is not None else None
         if stored:
-            snap = Snapshot.from_json(stored)
+            try:
+                snap = Snapshot.from_json(stored)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise TargetError(
+                    f"the study's saved baseline (study user attribute 'target.{STATE_KEY}') cannot be "
+                    f"read ({type(exc).__name__}: {exc}); restore the namespace by hand from that "
+                    "attribute, then delete it (or use another study name)") from None
             here = (self.spec.namespace, self.spec.deployment, self.spec.destination_rule)
             if (snap.namespace, snap.deployment, snap.destination_rule) != here:
                 raise TargetError(f"the study holds a baseline for {snap.namespace}/{snap.deployment} "
@@ -269,9 +277,9 @@ class KubernetesTarget(Target):
         self._pod_hash = None
 
     def wait_ready(self, timeout_s: float) -> None:
-        """After a pod-template change, wait for the rollout like ``kubectl rollout status`` (up to
-        ``spec.rolloutTimeout``, a rolling restart being slower than ``timeout_s``); after a
-        DestinationRule-only change, sleep ``spec.settle`` for the xDS push.
+        """After a pod-template change, wait for the rollout like ``kubectl rollout status`` for
+        at most ``min(timeout_s, spec.rolloutTimeout)``; after a DestinationRule-only change,
+        sleep ``spec.settle`` for the xDS push (a fixed wait, not cut short by ``timeout_s``).
 
         Raises ``TrialFailed(FailReason.ROLLOUT_FAILED, condition message)`` at once on ``ReplicaFailure``
         or ``ProgressDeadlineExceeded``, ``TrialFailed(FailReason.NOT_READY, …)`` on timeout.
@@ -281,16 +289,16 @@ class KubernetesTarget(Target):
         api = self._require_started()
         with self._trial_errors():
             if self._rollout_generation is not None:
-                self._wait_rollout(api, self._rollout_generation)
+                self._wait_rollout(api, self._rollout_generation, min(timeout_s, self.spec.rollout_timeout))
             elif self._dr_changed:
                 time.sleep(self.spec.settle)
             self._dr_changed = False
             if self._pod_hash is None:
                 self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
 
-    def _wait_rollout(self, api: KubeApi, generation: int) -> None:
+    def _wait_rollout(self, api: KubeApi, generation: int, timeout_s: float) -> None:
         wait_for_rollout(lambda: api.get_deployment(self.spec.deployment), generation,
-                         self.spec.rollout_timeout, self.spec.poll_interval)
+                         timeout_s, self.spec.poll_interval)
         self._rollout_generation = None
         self._pod_hash = None
 
@@ -317,16 +325,19 @@ class KubernetesTarget(Target):
     # -- measurement ---------------------------------------------------------------------------
 
     def begin_window(self) -> None:
+        """Mark the window's start (again, if one is open)."""
+        self._require_started()
         self._window_start = time.time()
 
     def end_window(self) -> ProxyUsage:
-        """The sidecars' CPU over exactly [begin, end] from Prometheus (cAdvisor), evaluated at end."""
-        if self._window_start is None:
+        """The sidecars' CPU over exactly [begin, end] from Prometheus (cAdvisor). Blocks until
+        Prometheus has scraped past the window's end: at most ``prometheus.scrapeInterval`` + 1 s."""
+        self._require_started()
+        if self._window_start is None or self._metrics is None:
             raise TargetError("end_window called without begin_window")
-        if self._metrics is None:
-            raise TargetError("the kubernetes target is not started")
         start, end = self._window_start, time.time()
         self._window_start = None
+        self._metrics.wait_until_scraped(self.spec.namespace, self.spec.deployment, self._pod_hash, end)
         args = (self.spec.namespace, self.spec.deployment, self._pod_hash, start, end)
         cpu = self._metrics.sidecar_cpu_cores(*args)
         throttled = self._metrics.throttled_ratio(*args)
@@ -338,22 +349,16 @@ class KubernetesTarget(Target):
         return PrometheusUsage(cpu_cores=cpu, window_s=end - start, measured_throttled_ratio=throttled,
                                extra=extra)
 
-    def observed_config(self) -> dict[str, Any]:
-        """The managed annotations and DR ``trafficPolicy`` as read back from the API server
-        (``concurrency`` is the annotation's value, not read from the running Envoy)."""
+    def observed(self) -> Observed:
+        """Read back from the API server: the stored DestinationRule's ``trafficPolicy`` and the
+        annotations and ``istio-proxy`` CPU limit of the RUNNING pods of the current ReplicaSet
+        (not the pod template), so a config that was never rolled out shows as such."""
         api = self._require_started()
         with self._trial_errors():
-            annotations = managed_annotations(api.get_deployment(self.spec.deployment))
             policy = traffic_policy_of(self._get_dr(api))
-        observed: dict[str, Any] = {
-            "annotations": {k: v for k, v in annotations.items() if v is not None},
-            "traffic_policy": policy,
-            "pod_template_hash": self._pod_hash,
-        }
-        concurrency = proxy_concurrency(annotations.get("proxy.istio.io/config"))
-        if concurrency is not None:
-            observed["concurrency"] = concurrency
-        return observed
+            dep = api.get_deployment(self.spec.deployment)
+            pods = api.list_pods(_label_selector(((dep.get("spec") or {}).get("selector")) or {}))
+        return observe(policy, pods, self._pod_hash)
 
     # -- restore and close ---------------------------------------------------------------------
 
@@ -374,7 +379,7 @@ class KubernetesTarget(Target):
         self._retry_conflict(lambda: self._restore_dr(api, snap))
         self._retry_conflict(lambda: self._restore_annotations(api, snap))
         if self._rollout_generation is not None:
-            self._wait_rollout(api, self._rollout_generation)
+            self._wait_rollout(api, self._rollout_generation, self.spec.rollout_timeout)
         self._dr_changed = False
 
     def _restore_dr(self, api: KubeApi, snap: Snapshot) -> None:

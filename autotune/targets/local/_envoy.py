@@ -198,6 +198,15 @@ class EnvoyProcess:
         clusters: dict[str, Any] = json.loads(self.admin_get("/clusters?format=json"))
         return clusters
 
+    def cluster_config(self, cluster_name: str) -> dict[str, Any]:
+        """The ``Cluster`` Envoy holds for ``cluster_name`` (``/config_dump``, static clusters)."""
+        dump = json.loads(self.admin_get("/config_dump?resource=static_clusters"))
+        for entry in dump.get("configs", []):
+            cluster = entry.get("cluster") or {}
+            if cluster.get("name") == cluster_name:
+                return dict(cluster)
+        raise TargetError(f"envoy's config dump has no cluster {cluster_name!r}")
+
     def circuit_breakers(self, cluster_name: str) -> dict[str, int]:
         """The DEFAULT-priority thresholds Envoy runs with for ``cluster_name``."""
         for status in self.clusters_json().get("cluster_statuses", []):

@@ -20,9 +20,9 @@ from typing import Any
 import psutil
 
 from autotune.errors import FailReason, TargetError, TrialFailed, UnsupportedParameter
-from autotune.mesh import MeshConfig, cluster_name, envoy_cluster
+from autotune.mesh import HPO_KEY, ISTIO_UNSET_LIMIT, MeshConfig, cluster_name, envoy_cluster
 from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef
-from autotune.targets._base import ProxyUsage, Target
+from autotune.targets._base import Observed, ProxyUsage, Target
 from autotune.targets.local._cgroup import (
     NAME_PREFIX,
     CgroupSupport,
@@ -100,10 +100,10 @@ class LocalTarget(Target):
             self.apply(self.baseline)
             self.wait_ready(self.spec.ready_timeout)
         except TrialFailed as exc:
-            self.close()
+            self._close_quietly()
             raise TargetError(f"the baseline proxy (Istio defaults) did not start: {exc}") from exc
         except BaseException:
-            self.close()
+            self._close_quietly()
             raise
         logger.info("local target ready: %s -> %d upstream endpoint(s), cgroup %s",
                     self.load_url, len(self._upstreams),
@@ -210,11 +210,13 @@ class LocalTarget(Target):
     # -- measurement -------------------------------------------------------------------------
 
     def begin_window(self) -> None:
-        """Take the CPU sample the window starts from."""
+        """Take the CPU sample the window starts from (a second call starts it again)."""
+        self._require_started()
         self._window_start = self._sample()
 
     def end_window(self) -> ProxyUsage:
         """The proxy's CPU use since ``begin_window`` (cores = Δusage / Δtime), throttling."""
+        self._require_started()
         if self._window_start is None:
             raise TargetError("end_window called without begin_window")
         s0, s1 = self._window_start, self._sample()
@@ -237,17 +239,36 @@ class LocalTarget(Target):
         t = psutil.Process(self._envoy.pid).cpu_times()
         return CpuSample(now, t.user + t.system, 0, 0, 0.0)
 
-    def observed_config(self) -> dict[str, Any]:
-        """What the running Envoy reports: worker count, circuit-breaker thresholds, CPU quota."""
-        if self._envoy is None:
-            return {}
-        observed: dict[str, Any] = {
-            "concurrency": int(self._envoy.server_info()["command_line_options"]["concurrency"]),
-            "circuit_breakers": self._envoy.circuit_breakers(cluster_name(self.service)),
-        }
-        if self._cgroup is not None:
-            observed["cpu_quota_cores"] = self._cgroup.quota_cores()
-        return observed
+    def observed(self) -> Observed:
+        """Read back from the running Envoy: circuit breakers from ``/clusters`` (Istio's unset
+        4294967295 → ``None``), ``max_requests_per_connection`` from ``/config_dump``, workers
+        from ``/server_info``; the CPU limit is the cgroup quota read from the kernel."""
+        self._require_started()
+        envoy = self._envoy
+        if envoy is None or envoy.proc is None or envoy.proc.poll() is not None:
+            raise TrialFailed(FailReason.NOT_READY, "no proxy is running (the last apply failed)")
+        name = cluster_name(self.service)
+        try:
+            breakers = envoy.circuit_breakers(name)
+            hpo = envoy.cluster_config(name).get("typed_extension_protocol_options", {}).get(HPO_KEY, {})
+            workers = int(envoy.server_info()["command_line_options"]["concurrency"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise TrialFailed(FailReason.NOT_READY, f"cannot read envoy's admin endpoint: {exc}") from exc
+        per_conn = (hpo.get("common_http_protocol_options") or {}).get("max_requests_per_connection")
+
+        def limit(key: str) -> int | None:
+            value = breakers.get(key)
+            return None if value is None or value == ISTIO_UNSET_LIMIT else int(value)
+
+        pool = MeshConfig(max_connections=limit("max_connections"),
+                          http1_max_pending_requests=limit("max_pending_requests"),
+                          http2_max_requests=limit("max_requests"),
+                          max_requests_per_connection=int(per_conn) if per_conn is not None else None,
+                          max_retries=limit("max_retries"))
+        quota = self._cgroup.quota_cores() if self._cgroup is not None else None
+        return Observed(pool=pool, concurrency=workers, cpu_limit=quota,
+                        details={"circuit_breakers": breakers, "envoy_pid": envoy.pid,
+                                 "cgroup": self._cgroup.name if self._cgroup else None})
 
     # -- access for tests and diagnostics ----------------------------------------------------
 
@@ -265,31 +286,45 @@ class LocalTarget(Target):
 
     def restore(self) -> None:
         """Run the baseline (Istio defaults) again; no-op before start, after close, or when the
-        baseline already runs."""
+        baseline already runs. Raises ``TargetError`` if the baseline proxy does not start."""
         if not self._started or self._closed:
             return
         envoy = self._envoy
         if (self._applied == self.baseline and envoy is not None and envoy.proc is not None
                 and envoy.proc.poll() is None):
             return
-        self.apply(self.baseline)
-        self.wait_ready(self.spec.ready_timeout)
+        try:
+            self.apply(self.baseline)
+            self.wait_ready(self.spec.ready_timeout)
+        except TrialFailed as exc:
+            raise TargetError(f"could not restore the baseline proxy (Istio defaults): {exc}") from exc
 
     def close(self) -> None:
         """Stop Envoy and the upstreams by PID, remove the cgroup and temp files. Idempotent;
-        safe after a partial start."""
+        safe at any point. Every step runs; if one failed, ``TargetError`` names them after."""
         if self._closed:
             return
         self._closed = True
         self._started = False
         steps = [self._stop_envoy, *(u.stop for u in self._upstreams), self._remove_cgroup,
                  self._remove_tmp]
+        failures = []
         for step in steps:
             try:
                 step()
-            except Exception:
+            except Exception as exc:
                 logger.exception("local target cleanup step failed")
+                failures.append(f"{type(exc).__name__}: {exc}")
         atexit.unregister(self.close)
+        if failures:
+            raise TargetError("the local target could not release everything: " + "; ".join(failures))
+
+    def _close_quietly(self) -> None:
+        """``close`` after a failed start: the start's error is the one to report."""
+        try:
+            self.close()
+        except TargetError as exc:
+            logger.error("%s", exc)
 
     def _stop_envoy(self) -> None:
         """Stop the running Envoy; its quota is lifted first so a throttled proxy exits promptly."""
