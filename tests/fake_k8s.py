@@ -21,13 +21,14 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
@@ -142,10 +143,17 @@ class FakeCluster:
         self.rollout_mode: str | None = None
         self.rollout_message = ('pods "web-x" is forbidden: admission webhook "sidecar-injector.istio.io" '
                                 'denied the request: invalid proxyCPULimit')
-        #: What each pod's istio-proxy container uses, as cAdvisor reports it on /metrics/cadvisor.
+        #: What each pod's istio-proxy container uses, as cAdvisor reports it on /metrics/cadvisor:
+        #: a steady rate, plus ``proxy_cpu_per_request`` CPU-seconds per request the backend
+        #: serves (shared by the pods running then), plus the bursts of ``add_proxy_cpu``.
         self.proxy_cpu_cores = 0.05
+        self.proxy_cpu_per_request = 0.0
         self.proxy_throttled_ratio = 0.1
         self._pod_seen: dict[str, float] = {}
+        self._proxy_extra: dict[str, float] = {}
+        self._bursts: list[tuple[float, float]] = []
+        #: pod-template-hash → the template its pods were created from (their annotations).
+        self.templates: dict[str, dict[str, Any]] = {}
         self._rv = 1000
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -198,6 +206,7 @@ class FakeCluster:
                 store.clear()
             self.forbidden.clear()
             self.requests.clear()
+            self.templates.clear()
             self.istio_installed = True
             self.rollout_mode = None
 
@@ -225,6 +234,7 @@ class FakeCluster:
         dep["status"] = self._done_status(dep)
         with self.lock:
             self.deployments[(ns, name)] = dep
+            self._remember_template(dep)
         return copy.deepcopy(dep)
 
     def add_destination_rule(self, ns: str, name: str, host: str,
@@ -259,6 +269,28 @@ class FakeCluster:
         with self.lock:
             self.faults[(verb, resource)] = Fault(status, message, times, reason)
 
+    def _remember_template(self, dep: dict[str, Any]) -> None:
+        tpl = dep["spec"]["template"]
+        self.templates.setdefault(template_hash(tpl), copy.deepcopy(tpl))
+
+    def add_proxy_cpu(self, at: float, seconds: float) -> None:
+        """From wall-clock time ``at`` on, every istio-proxy counter is ``seconds`` higher (a burst)."""
+        with self.lock:
+            self._bursts.append((at, seconds))
+
+    def serve_request(self, ns: str) -> None:
+        """Charge one request's sidecar CPU to the pods of ``ns`` running now (the backend calls it)."""
+        with self.lock:
+            pods = [p["metadata"]["name"] for p in self._pods(ns, consume=False)
+                    if "deletionTimestamp" not in p["metadata"]]
+            for name in pods:
+                self._proxy_extra[name] = self._proxy_extra.get(name, 0.0) + self.proxy_cpu_per_request / len(pods)
+
+    def running_pods(self, ns: str) -> list[dict[str, Any]]:
+        """The pods of ``ns`` that are not terminating (as a listing would show them now)."""
+        with self.lock:
+            return [p for p in self._pods(ns, consume=False) if "deletionTimestamp" not in p["metadata"]]
+
     def cadvisor(self) -> str:
         """A kubelet's ``/metrics/cadvisor`` for the pods that exist now: the istio-proxy and app
         containers' CPU counters grow at fixed rates from when a pod first appeared."""
@@ -271,10 +303,14 @@ class FakeCluster:
             pods = [p for ns in list(self.namespaces) for p in self._pods(ns, consume=False)]
             for pod in pods:
                 meta = pod["metadata"]
-                age = now - self._pod_seen.setdefault(meta["name"], now)
+                seen = self._pod_seen.setdefault(meta["name"], now)
+                age = now - seen
+                extra = self._proxy_extra.get(meta["name"], 0.0) + sum(
+                    s for t, s in self._bursts if seen <= t <= now)
                 for container, cores in (("istio-proxy", self.proxy_cpu_cores), (meta["name"].split("-")[0], 0.5)):
                     labels = f'namespace="{meta["namespace"]}",pod="{meta["name"]}",container="{container}"'
-                    lines.append(f"container_cpu_usage_seconds_total{{{labels}}} {cores * age:.6f}")
+                    used = cores * age + (extra if container == "istio-proxy" else 0.0)
+                    lines.append(f"container_cpu_usage_seconds_total{{{labels}}} {used:.6f}")
                     lines.append(f"container_cpu_cfs_periods_total{{{labels}}} {int(age * 10)}")
                     throttled = int(age * 10 * self.proxy_throttled_ratio) if container == "istio-proxy" else 0
                     lines.append(f"container_cpu_cfs_throttled_periods_total{{{labels}}} {throttled}")
@@ -364,15 +400,30 @@ class FakeCluster:
                     old_hash = self.terminating.pop((dns, name)) if consume else self.terminating[(dns, name)]
                     groups.append((old_hash, dep["spec"]["replicas"], True))
             for h, count, terminating in groups:
+                created_from = self.templates.get(h, tpl)
                 for i in range(count):
                     meta: dict[str, Any] = {"name": f"{name}-{h}-{i:05d}"[:63], "namespace": ns,
-                                            "labels": {**tpl["metadata"].get("labels", {}),
-                                                       "pod-template-hash": h}}
+                                            "labels": {**created_from["metadata"].get("labels", {}),
+                                                       "pod-template-hash": h},
+                                            "annotations": dict(created_from["metadata"].get("annotations") or {})}
                     if terminating:
                         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
                     pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-                                 "status": {"phase": "Running"}})
+                                 "spec": _injected(created_from), "status": {"phase": "Running"}})
         return pods
+
+
+def _injected(template: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec after Istio's sidecar injector: the template's containers plus ``istio-proxy``
+    with the resources the ``sidecar.istio.io/proxy*`` annotations ask for (the chart's defaults
+    100m/2000m CPU, 128Mi/1024Mi memory otherwise)."""
+    ann = template["metadata"].get("annotations") or {}
+    sidecar = {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.30.3", "resources": {
+        "requests": {"cpu": ann.get("sidecar.istio.io/proxyCPU", "100m"),
+                     "memory": ann.get("sidecar.istio.io/proxyMemory", "128Mi")},
+        "limits": {"cpu": ann.get("sidecar.istio.io/proxyCPULimit", "2000m"),
+                   "memory": ann.get("sidecar.istio.io/proxyMemoryLimit", "1024Mi")}}}
+    return {"containers": [*copy.deepcopy(template["spec"]["containers"]), sidecar]}
 
 
 def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
@@ -561,6 +612,7 @@ class _Handler(BaseHTTPRequestHandler):
                 dep["spec"] = new_spec
                 dep["metadata"]["generation"] += 1
                 if template_hash(new_spec["template"]) != old_hash:
+                    fake._remember_template(dep)  # pods created from now on carry these annotations
                     fake._start_rollout(key, dep, old_hash)
             dep["metadata"]["resourceVersion"] = fake._next_rv()
             return 200, copy.deepcopy(dep)
@@ -610,18 +662,80 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Backend(BaseHTTPRequestHandler):
+    """The service as seen through the client sidecars: it acts on what the cluster stores.
+
+    Each request waits ``service_time_s``. The DestinationRule's circuit breakers are enforced as
+    Envoy does for HTTP/1.1: at most min(``maxConnections``, ``http2MaxRequests``) requests in
+    flight, at most ``http1MaxPendingRequests`` more waiting; any further one is answered 503 with
+    ``x-envoy-overloaded: true`` at once. The 200's body reports the stored ``trafficPolicy`` and
+    the running pods' annotations (JSON); each request charges sidecar CPU to the running pods.
+    """
+
+    fake: FakeCluster
+    namespace: str
+    destination_rule: str
+    service_time_s: float
+    gate: threading.Condition
+    state: dict[str, int]  # in_flight, pending
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def _limits(self) -> tuple[float, float, dict[str, Any] | None]:
+        dr = self.fake.dr(self.namespace, self.destination_rule)
+        policy = (dr or {}).get("spec", {}).get("trafficPolicy")
+        pool = (policy or {}).get("connectionPool") or {}
+        tcp, http = pool.get("tcp") or {}, pool.get("http") or {}
+        active = min(tcp.get("maxConnections") or math.inf, http.get("http2MaxRequests") or math.inf)
+        return active, http.get("http1MaxPendingRequests") or math.inf, policy
+
+    def _admit(self, active: float, queue: float) -> bool:
+        with self.gate:
+            st = self.state
+            if st["in_flight"] >= active:
+                if st["pending"] >= queue:
+                    return False
+                st["pending"] += 1
+                while st["in_flight"] >= active:
+                    self.gate.wait(1.0)
+                st["pending"] -= 1
+            st["in_flight"] += 1
+            return True
+
+    def _release(self) -> None:
+        with self.gate:
+            self.state["in_flight"] -= 1
+            self.gate.notify()
+
     def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", "2")
+        active, queue, policy = self._limits()
+        if not self._admit(active, queue):
+            self._reply(503, b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                        {"x-envoy-overloaded": "true"})
+            return
+        try:
+            time.sleep(self.service_time_s)
+            self.fake.serve_request(self.namespace)
+            pods = {p["metadata"]["name"]: p["metadata"].get("annotations") or {}
+                    for p in self.fake.running_pods(self.namespace)}
+            self._reply(200, json.dumps({"trafficPolicy": policy, "pods": pods}).encode(),
+                        {"Content-Type": "application/json"})
+        finally:
+            self._release()
+
+    def _reply(self, code: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(b"ok")
+        self.wfile.write(body)
+
+
+class _BackendServer(_QuietServer):
+    request_queue_size = 128  # a burst of concurrent clients is answered (503s included), not refused
 
 
 @dataclass
@@ -633,6 +747,7 @@ class KubeEnv:
     kubeconfig: Path
     backend_url: str
     prometheus_url: str
+    scrape_interval_s: float = 0.25
 
     NAMESPACE = "staging"
     DEPLOYMENT = "web"
@@ -659,19 +774,26 @@ class KubeEnv:
             "namespace": self.NAMESPACE, "deployment": self.DEPLOYMENT, "destinationRule": self.DR,
             "host": self.HOST, "serviceUrl": self.backend_url, "settle": 0, "rolloutTimeout": 10, "pollInterval": 0.05,
             "requestTimeout": 5,
-            "prometheus": {"url": self.prometheus_url, "scrapeInterval": 0.25, "timeout": 5},
+            "prometheus": {"url": self.prometheus_url, "scrapeInterval": self.scrape_interval_s, "timeout": 5},
         }
         data.update(overrides)
         return data
 
 
 @contextlib.contextmanager
-def kube_env(tmp: Path, prometheus: bool = True) -> Iterator[KubeEnv]:
-    """Start the fake cluster, the backend and (``prometheus``) a real Prometheus; stop them all."""
+def kube_env(tmp: Path, prometheus: bool = True, scrape_interval_s: float = 0.25) -> Iterator[KubeEnv]:
+    """Start the fake cluster, the backend and (``prometheus``) a real Prometheus scraping the fake
+    kubelet every ``scrape_interval_s``; stop them all."""
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(FakeCluster())
-        backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
-        backend.daemon_threads = True
+
+        class Backend(_Backend):
+            fake, namespace, destination_rule = cluster, KubeEnv.NAMESPACE, KubeEnv.DR
+            service_time_s = 0.02
+            gate = threading.Condition()
+            state: ClassVar[dict[str, int]] = {"in_flight": 0, "pending": 0}
+
+        backend = _BackendServer(("127.0.0.1", 0), Backend)
         threading.Thread(target=backend.serve_forever, name="fake-backend", daemon=True).start()
         stack.callback(backend.server_close)
         stack.callback(backend.shutdown)
@@ -679,7 +801,8 @@ def kube_env(tmp: Path, prometheus: bool = True) -> Iterator[KubeEnv]:
         if prometheus:
             from _prometheus import scraping_prometheus, wait_for_data
 
-            prom_url = stack.enter_context(scraping_prometheus([f"{cluster.url}/metrics/cadvisor"], 0.25))
+            prom_url = stack.enter_context(scraping_prometheus([f"{cluster.url}/metrics/cadvisor"],
+                                                               scrape_interval_s))
             wait_for_data(prom_url, "up", samples=2, timeout=30)  # discovery takes a few seconds
         yield KubeEnv(cluster, cluster.kubeconfig(tmp / "kubeconfig"),
-                      f"http://127.0.0.1:{backend.server_address[1]}", prom_url)
+                      f"http://127.0.0.1:{backend.server_address[1]}", prom_url, scrape_interval_s)

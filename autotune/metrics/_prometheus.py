@@ -173,10 +173,10 @@ class PrometheusReader:
         self._window(start, end)
         promql = self._samples_query(SIDECAR_CPU_SAMPLES, namespace, deployment, pod_template_hash,
                                      start, end)
-        series = self._series(promql, end)
-        if not series:
+        grown = [g for g in (_increase(s, start, end) for s in self._series(promql, end)) if g is not None]
+        if not grown:
             raise TrialFailed(FailReason.METRICS, f"query returned no data: {promql}")
-        return sum(_increase(s, start, end, promql) for s in series) / (end - start)
+        return sum(grown) / (end - start)
 
     def throttled_ratio(self, namespace: str, deployment: str, pod_template_hash: str | None,
                         start: float, end: float) -> float | None:
@@ -185,7 +185,7 @@ class PrometheusReader:
         counts = []
         for template in (SIDECAR_THROTTLED_SAMPLES, SIDECAR_PERIODS_SAMPLES):
             promql = self._samples_query(template, namespace, deployment, pod_template_hash, start, end)
-            counts.append(sum(_increase(s, start, end, promql) for s in self._series(promql, end)))
+            counts.append(sum(_increase(s, start, end) or 0.0 for s in self._series(promql, end)))
         throttled, periods = counts
         return throttled / periods if periods > 0 else None
 
@@ -286,12 +286,10 @@ class PrometheusReader:
             raise TrialFailed(FailReason.METRICS, f"Prometheus at {self.url} unreachable: {_describe(exc)}") from None
 
 
-def _increase(samples: list[tuple[float, float]], start: float, end: float, promql: str) -> float:
+def _increase(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
     """How much one counter grew over ``[start, end]``: its reset-adjusted value interpolated
-    linearly at both edges (a series that starts or stops inside counts from/to its own samples).
-
-    Raises ``TrialFailed(FailReason.METRICS, …)`` when no sample lies in or around the window.
-    """
+    linearly at both edges (a series that starts or stops inside counts from/to its own samples);
+    ``None`` for a series that does not reach into the window (a pod gone before it began)."""
     adjusted: list[tuple[float, float]] = []
     offset = 0.0
     for i, (t, v) in enumerate(samples):
@@ -300,7 +298,7 @@ def _increase(samples: list[tuple[float, float]], start: float, end: float, prom
         adjusted.append((t, v + offset))
     inside = [t for t, _ in adjusted if start <= t <= end]
     if not adjusted or (not inside and (adjusted[0][0] > end or adjusted[-1][0] < start)):
-        raise TrialFailed(FailReason.METRICS, f"no sample of a series in the window: {promql}")
+        return None
     return max(0.0, _value_at(adjusted, end) - _value_at(adjusted, start))
 
 

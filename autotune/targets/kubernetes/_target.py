@@ -117,6 +117,7 @@ class KubernetesTarget(Target):
                 self._metrics = _default_reader(self.spec.prometheus)
             self._metrics.check()
             self._take_snapshot(deployment, dr)
+            self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
         except ApiCallFailed as exc:
             self._release()
             raise TargetError(exc.describe()) from None
@@ -319,7 +320,8 @@ class KubernetesTarget(Target):
 
     @property
     def load_url(self) -> str:
-        """``spec.serviceUrl``: the only address load is sent to."""
+        """``spec.serviceUrl``: the only address load is sent to (``TargetError`` before start)."""
+        self._require_started()
         return self.spec.service_url.rstrip("/")
 
     # -- measurement ---------------------------------------------------------------------------
