@@ -144,7 +144,8 @@ def test_concurrency_is_merged_into_the_existing_proxy_config(target: Kubernetes
     target.apply(MeshConfig(concurrency=3))
     doc = yaml.safe_load(fake.annotations(NS, DEP)["proxy.istio.io/config"])
     assert doc == {"holdApplicationUntilProxyStarts": True, "concurrency": 3}
-    assert target.observed_config()["concurrency"] == 3
+    target.wait_ready(10)
+    assert target.observed().concurrency == 3  # read from the running pods
     target.apply(MeshConfig())  # concurrency unset: removed, the user's key kept
     assert yaml.safe_load(fake.annotations(NS, DEP)["proxy.istio.io/config"]) == {
         "holdApplicationUntilProxyStarts": True}
@@ -157,7 +158,7 @@ def test_concurrency_is_merged_into_the_existing_proxy_config(target: Kubernetes
 
 def test_wait_ready_follows_the_rollout_from_the_patched_generation(
         target: KubernetesTarget, fake: FakeCluster) -> None:
-    old_hash = target.observed_config()["pod_template_hash"]
+    old_hash = target.observed().details["pod_template_hash"]
     target.apply(MeshConfig(cpu_limit=0.25))
     fake.requests.clear()
     target.wait_ready(10)
@@ -167,7 +168,7 @@ def test_wait_ready_follows_the_rollout_from_the_patched_generation(
     assert status["observedGeneration"] == 2 and status["availableReplicas"] == status["updatedReplicas"] == 2
     pod_list = fake.calls("GET", f"/api/v1/namespaces/{NS}/pods")[-1]
     assert pod_list.query == {"labelSelector": "app=web"}
-    new_hash = target.observed_config()["pod_template_hash"]
+    new_hash = target.observed().details["pod_template_hash"]
     assert new_hash and new_hash != old_hash  # the terminating old pods were not counted
 
 
@@ -387,7 +388,9 @@ def test_a_study_on_the_fake_cluster_measures_cpu_from_prometheus_and_restores(
         assert t.user_attrs["cpu_cores"] == pytest.approx(2 * fake.proxy_cpu_cores, rel=0.4)
         assert t.user_attrs["cpu_throttled_ratio"] == pytest.approx(fake.proxy_throttled_ratio, abs=0.05)
         assert t.user_attrs["error_rate"] == 0
-        assert t.user_attrs["observed"]["annotations"]["sidecar.istio.io/proxyCPULimit"]
+        wanted = MeshConfig.from_params(t.params)  # read back from the running pods' sidecars
+        assert t.user_attrs["observed"]["cpu_limit"] == pytest.approx(wanted.effective_cpu_limit, abs=0.001)
+        assert t.user_attrs["observed"]["concurrency"] == wanted.effective_concurrency
     assert _baseline_state(fake) == before
     assert study.user_attrs.get(f"target.{STATE_KEY}") is None
     assert not any("/production" in r.path for r in fake.requests if r.method != "GET")
@@ -457,3 +460,68 @@ def test_server_side_latency_comes_from_istio_histograms_when_asked(env: KubeEnv
     assert measured.metrics["server_latency_p95_ms"] == pytest.approx(17.5, rel=0.02)
     assert measured.metrics["server_latency_p99_ms"] == pytest.approx(23.5, rel=0.02)
     assert measured.metrics["latency_p95_ms"] > 0  # Locust's client-side figures stay available
+
+
+# -- guarantees of the contract ------------------------------------------------------------------
+
+
+def test_wait_ready_is_bounded_by_its_timeout_as_well_as_the_rollout_timeout(env: KubeEnv, tmp_path: Path) -> None:
+    env.cluster.rollout_mode = "hang"
+    tgt = _target(env, tmp_path, rolloutTimeout=30)
+    tgt.start()
+    tgt.apply(MeshConfig(cpu_limit=0.3))
+    t0 = time.monotonic()
+    with pytest.raises(TrialFailed) as exc:
+        tgt.wait_ready(0.5)
+    assert exc.value.reason == "not-ready"
+    assert time.monotonic() - t0 < 2  # min(0.5, rolloutTimeout=30) s, not 30 s
+    env.cluster.rollout_mode = None
+    tgt.close()
+
+
+@pytest.mark.parametrize("stored", [{"version": 99}, {"version": 1, "namespace": "staging"}, "garbage"])
+def test_an_unreadable_saved_baseline_is_a_target_error_naming_the_attribute(
+        env: KubeEnv, tmp_path: Path, stored: Any) -> None:
+    store = DictStore()
+    store.data[STATE_KEY] = stored
+    tgt = _target(env, tmp_path, store=store)
+    with pytest.raises(TargetError, match=r"study user attribute 'target\.kubernetes\.snapshot'.*by hand"):
+        tgt.start()
+    assert env.cluster.calls("PATCH") == [] and store.data[STATE_KEY] == stored  # nothing touched
+    tgt.close()
+
+
+def test_a_window_includes_cpu_used_after_the_last_scrape_before_its_end(tmp_path: Path) -> None:
+    """With a 2 s scrape interval, a burst of sidecar CPU between the last scrape before the
+    window's end and that end is missed by a query evaluated at the end, not by the target."""
+    from _prometheus import query
+
+    interval, window, burst_s = 2.0, 8.0, 2.0
+    with kube_env(tmp_path, scrape_interval_s=interval) as env:
+        env.seed()
+        fake = env.cluster
+        fake.proxy_cpu_cores = 0.01
+        tgt = _target(env, tmp_path)
+        tgt.start()
+        try:
+            (last,) = query(env.prometheus_url, "timestamp(up)")
+            scrape = float(last["value"][1])
+            while scrape < time.time() + window + 1:  # a scrape far enough ahead
+                scrape += interval
+            end, burst_at = scrape + 0.8 * interval, scrape + 0.15 * interval
+            fake.add_proxy_cpu(burst_at, burst_s)  # per pod, between that scrape and the end
+            time.sleep(max(0.0, end - window - time.time()))
+            tgt.begin_window()
+            time.sleep(max(0.0, end - time.time()))
+            ended = time.time()
+            usage = tgt.end_window()
+        finally:
+            tgt.close()
+        # What a query evaluated at the window's end (the previous behaviour) sees.
+        (at_end,) = query(env.prometheus_url, 'sum(rate(container_cpu_usage_seconds_total{namespace="staging",'
+                          f'container="istio-proxy", pod=~"web-.*"}}[{round(usage.window_s)}s]))', at=ended)
+    truth = 2 * (fake.proxy_cpu_cores + burst_s / usage.window_s)  # two pods
+    assert float(at_end["value"][1]) < 0.3 * truth  # the burst is not in it
+    # Interpolating across the first scrape after the end keeps ~0.8 of the burst in the window
+    # (the uniform-rate assumption spreads it over that scrape interval).
+    assert 0.65 * truth < usage.cpu_cores <= 1.05 * truth, (usage, truth)

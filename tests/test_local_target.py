@@ -86,9 +86,9 @@ def _drive(url: str, seconds: float, clients: int = 8) -> float:
 
 def test_translated_config_reaches_envoy(target: LocalTarget) -> None:
     target.restore()
-    baseline = target.observed_config()
-    assert baseline["concurrency"] == 2
-    assert set(baseline["circuit_breakers"].values()) == {ISTIO_UNSET_LIMIT}
+    baseline = target.observed()
+    assert baseline.concurrency == 2 and baseline.pool == MeshConfig()  # 4294967295 reads as unset
+    assert set(baseline.details["circuit_breakers"].values()) == {ISTIO_UNSET_LIMIT}
 
     target.apply(MeshConfig(max_connections=7, http1_max_pending_requests=3, http2_max_requests=11,
                             max_retries=2, concurrency=3))
@@ -97,10 +97,10 @@ def test_translated_config_reaches_envoy(target: LocalTarget) -> None:
     assert target.envoy.server_info()["command_line_options"]["concurrency"] == 3
     assert target.envoy.circuit_breakers("outbound|8080||backend.demo.svc.cluster.local") == {
         "max_connections": 7, "max_pending_requests": 3, "max_requests": 11, "max_retries": 2}
-    assert target.observed_config()["concurrency"] == 3
+    assert target.observed().concurrency == 3
 
     target.restore()
-    assert target.observed_config()["circuit_breakers"]["max_connections"] == ISTIO_UNSET_LIMIT
+    assert target.observed().pool.max_connections is None
 
 
 def _quota_file_value(cg: CpuCgroup) -> str:
@@ -117,7 +117,7 @@ def test_cpu_quota_is_applied_and_envoy_is_in_the_cgroup(target: LocalTarget) ->
     assert _quota_file_value(cg) == ("50000 100000" if cg.support.version == 2 else "50000")
     for d in cg.dirs:
         assert envoy.pid in [int(p) for p in (d / "cgroup.procs").read_text().split()]
-    assert target.observed_config()["concurrency"] == 1  # ceil(0.5) like pilot-agent
+    assert target.observed().concurrency == 1  # ceil(0.5) like pilot-agent
 
     target.restore()  # Istio's default limit: 2000m
     assert _quota_file_value(cg) == ("200000 100000" if cg.support.version == 2 else "200000")
@@ -153,7 +153,7 @@ def test_rejected_config_fails_the_trial_with_proxy_start(target: LocalTarget) -
         target.wait_ready(1)
     target.restore()
     target.wait_ready(5)
-    assert target.observed_config()["concurrency"] == 2
+    assert target.observed().concurrency == 2
 
 
 def test_close_stops_every_process_and_removes_the_cgroup() -> None:

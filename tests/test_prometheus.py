@@ -28,7 +28,7 @@ import pytest
 from _prometheus import backfilled_prometheus, free_port, scraping_prometheus, wait_for_data
 from autotune.errors import TargetError, TrialFailed
 from autotune.metrics import PrometheusReader
-from autotune.metrics._prometheus import SIDECAR_CPU_CORES, pods_pattern, promql_string, render
+from autotune.metrics._prometheus import SIDECAR_CPU_SAMPLES, pods_pattern, promql_string, render
 from autotune.spec import PrometheusSpec
 
 T0 = 1_700_000_000  # fixed, so every number below is deterministic
@@ -144,9 +144,10 @@ def test_empty_result_names_the_query(prom_url: str) -> None:
     with pytest.raises(TrialFailed) as info:
         reader.sidecar_cpu_cores(NS, "frontend", "abc123", START, END)
     assert info.value.reason == "metrics"
-    expected = render(SIDECAR_CPU_CORES, window_s=300, namespace=NS, pods=pods_pattern("frontend", "abc123"))
+    # raw samples from one scrape interval (5 s) + 1 s before START to 5 s + 1 s after END
+    expected = render(SIDECAR_CPU_SAMPLES, window_s=312, namespace=NS, pods=pods_pattern("frontend", "abc123"))
     assert str(info.value) == f"metrics: query returned no data: {expected}"
-    assert 'pod=~"frontend-abc123-.*"' in expected and "[300s]" in expected
+    assert 'pod=~"frontend-abc123-.*"' in expected and "[312s]" in expected
     # Outside the data (a window after it ended) there is nothing either.
     with pytest.raises(TrialFailed, match="no data"):
         reader.server_latency_ms(NS, "backend", 0.95, END + 3600, END + 3900)
