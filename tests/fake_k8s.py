@@ -390,8 +390,11 @@ class FakeCluster:
             status = dep.get("status") or {}
             groups: list[tuple[str, int, bool]] = []
             if ro is not None:
-                groups.append((new_hash, int(status.get("updatedReplicas", 0)), False))
-                old = int(status.get("replicas", 0)) - int(status.get("updatedReplicas", 0))
+                # Until the controller observes the new generation, no pod of it exists yet.
+                seen = int(status.get("observedGeneration", 0)) >= ro.generation
+                updated = int(status.get("updatedReplicas", 0)) if seen else 0
+                groups.append((new_hash, updated, False))
+                old = int(status.get("replicas", 0)) - updated
                 if ro.old_hash and old > 0:
                     groups.append((ro.old_hash, old, False))
             else:

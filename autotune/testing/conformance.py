@@ -20,6 +20,7 @@ with ``TargetFactory.outside_state()``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import threading
 import time
@@ -133,6 +134,17 @@ def apply_and_wait(target: Target, config: MeshConfig) -> Observed:
     return target.observed()
 
 
+@contextlib.contextmanager
+def closing(target: Target) -> Iterator[Target]:
+    """``target``, closed on the way out even when a case fails (so a broken target cannot
+    leave processes to the next case); a failing ``close`` is the case's own business."""
+    try:
+        yield target
+    finally:
+        with contextlib.suppress(Exception):
+            target.close()
+
+
 def assert_observed(observed: Observed, expected: Observed) -> None:
     """Fail naming every tuned field that differs."""
     diff = observed.differences(expected)
@@ -192,26 +204,26 @@ class TargetConformance:
 
     def test_restore_and_close_before_start_are_no_ops(self, target_factory: TargetFactory) -> None:
         before = target_factory.outside_state()
-        tgt = target_factory.make()
-        tgt.restore()
-        tgt.close()
-        tgt.close()
-        tgt.restore()
-        assert target_factory.outside_state() == before
-        with pytest.raises(TargetError):
-            tgt.start()  # a closed target stays closed
+        with closing(target_factory.make()) as tgt:
+            tgt.restore()
+            tgt.close()
+            tgt.close()
+            tgt.restore()
+            assert target_factory.outside_state() == before
+            with pytest.raises(TargetError):
+                tgt.start()  # a closed target stays closed
 
     def test_close_restores_releases_everything_and_is_idempotent(self, target_factory: TargetFactory) -> None:
         before = target_factory.outside_state()
-        tgt = target_factory.make()
-        tgt.start()
-        apply_and_wait(tgt, CONFIG_A)
-        tgt.close()
-        tgt.close()
-        tgt.restore()  # after close: a no-op
-        assert target_factory.outside_state() == before
-        with pytest.raises(TargetError):
-            tgt.apply(CONFIG_B)
+        with closing(target_factory.make()) as tgt:
+            tgt.start()
+            apply_and_wait(tgt, CONFIG_A)
+            tgt.close()
+            tgt.close()
+            tgt.restore()  # after close: a no-op
+            assert target_factory.outside_state() == before
+            with pytest.raises(TargetError):
+                tgt.apply(CONFIG_B)
 
     def test_a_rejected_config_fails_the_trial_and_the_target_recovers(self, target: Target) -> None:
         baseline = target.observed()
@@ -225,38 +237,37 @@ class TargetConformance:
 
     def test_close_after_a_failed_apply_releases_everything(self, target_factory: TargetFactory) -> None:
         before = target_factory.outside_state()
-        tgt = target_factory.make()
-        tgt.start()
-        apply_and_wait(tgt, CONFIG_B)
-        with pytest.raises(TrialFailed):
-            tgt.apply(REJECTED)
-            tgt.wait_ready(10)
-        tgt.close()
-        assert target_factory.outside_state() == before
+        with closing(target_factory.make()) as tgt:
+            tgt.start()
+            apply_and_wait(tgt, CONFIG_B)
+            with pytest.raises(TrialFailed):
+                tgt.apply(REJECTED)
+                tgt.wait_ready(10)
+            tgt.close()
+            assert target_factory.outside_state() == before
 
     def test_a_failed_start_leaves_nothing_behind(self, target_factory: TargetFactory) -> None:
-        tgt = target_factory.make_unstartable()
-        before = target_factory.outside_state()
-        with pytest.raises(TargetError):
-            tgt.start()
-        assert target_factory.outside_state() == before
-        tgt.close()
-        tgt.restore()
-        assert target_factory.outside_state() == before
+        with closing(target_factory.make_unstartable()) as tgt:
+            before = target_factory.outside_state()
+            with pytest.raises(TargetError):
+                tgt.start()
+            assert target_factory.outside_state() == before
+            tgt.close()
+            tgt.restore()
+            assert target_factory.outside_state() == before
 
     # -- errors --------------------------------------------------------------------------------
 
     def test_every_method_before_start_raises_target_error(self, target_factory: TargetFactory) -> None:
-        tgt = target_factory.make()
-        calls: dict[str, Callable[[], object]] = {
-            "apply": lambda: tgt.apply(CONFIG_B), "wait_ready": lambda: tgt.wait_ready(1),
-            "begin_window": tgt.begin_window, "end_window": tgt.end_window,
-            "observed": tgt.observed, "load_url": lambda: tgt.load_url}
-        for name, call in calls.items():
-            with pytest.raises(TargetError):
-                call()
-                pytest.fail(f"{name} before start did not raise TargetError")
-        tgt.close()
+        with closing(target_factory.make()) as tgt:
+            calls: dict[str, Callable[[], object]] = {
+                "apply": lambda: tgt.apply(CONFIG_B), "wait_ready": lambda: tgt.wait_ready(1),
+                "begin_window": tgt.begin_window, "end_window": tgt.end_window,
+                "observed": tgt.observed, "load_url": lambda: tgt.load_url}
+            for name, call in calls.items():
+                with pytest.raises(TargetError):
+                    call()
+                    pytest.fail(f"{name} before start did not raise TargetError")
 
     def test_end_window_without_an_open_window_raises_target_error(self, target: Target) -> None:
         with pytest.raises(TargetError):
