@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,7 +28,7 @@ from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.load import LoadResult, ProgressFn, WindowFn
 from autotune.mesh import ISTIO_UNSET_LIMIT, MeshConfig
 from autotune.spec import LoadSpec
-from autotune.targets import ProxyUsage, Target
+from autotune.targets import Observed, ProxyUsage, Target
 
 #: Where each failure of a :class:`Point` is raised, like a real target or load would.
 APPLY_FAILURES = frozenset({FailReason.REJECTED, FailReason.API, FailReason.API_TIMEOUT})
@@ -252,9 +251,10 @@ class ReplayTarget(Target):
             return ProxyUsage(cpu_cores=land.window.cpu_cores, window_s=land.window.load.window_s)
         return ProxyUsage(cpu_cores=land.current().cpu_cores, window_s=elapsed)
 
-    def observed_config(self) -> dict[str, Any]:
-        config = self.landscape.applied
-        return {"config": config.to_params(), "concurrency": config.effective_concurrency}
+    def observed(self) -> Observed:
+        """The replayed proxy runs exactly what was applied."""
+        self._check()
+        return Observed.expected(self.landscape.applied)
 
     @property
     def window_open(self) -> bool:
