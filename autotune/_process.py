@@ -69,3 +69,12 @@ def log_tail(path: Path, lines: int = 10, width: int = 800, prefer: tuple[str, .
     preferred = [ln for ln in all_lines if any(p in ln for p in prefer)] if prefer else []
     chosen = (preferred or all_lines)[-lines:]
     return "\n".join(ln if len(ln) <= width else ln[:width] + " …" for ln in chosen)
+
+
+def child_env(drop_prefix: str | None = None) -> dict[str, str]:
+    """This process's environment for a Python child that must import this same ``autotune``
+    (its source root first on ``PYTHONPATH``), less the variables starting with ``drop_prefix``."""
+    env = {k: v for k, v in os.environ.items() if not (drop_prefix and k.startswith(drop_prefix))}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import numpy.typing as npt
 
+from autotune._process import child_env, log_tail, terminate
 from autotune.errors import FailReason, TrialFailed
 from autotune.load._result import LoadResult
 from autotune.spec import LoadSpec
@@ -52,7 +53,6 @@ RUN_TIME_MARGIN_S = 15.0
 #: How often ``progress`` is called (at most this many seconds apart).
 PROGRESS_INTERVAL_S = 0.5
 _POLL_S = 0.05
-_TAIL_CHARS = 2000
 
 ProgressFn = Callable[[str, float], None]
 
@@ -121,7 +121,7 @@ def run_load_windows(
     try:
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                _command(url, load, locustfile, windows),
+                _command(url, load, locustfile, budget),
                 cwd=workdir,
                 env=_environment(load, marker, results),
                 stdin=subprocess.DEVNULL,
@@ -148,23 +148,27 @@ def run_load_windows(
             window_end = time.time()
             on_window_end(i)
             spans.append((window_start, window_end))
-            next_start = window_end
+            # The next window starts once the callback is back: a target may block in end_window
+            # (Kubernetes waits for Prometheus to scrape past the end), and the two must agree.
+            next_start = time.time()
 
         _stop(proc, stderr_path, deadline)
         records = _read_records(results, stderr_path)
         return [_summarise(records, a, b, load.offered_rps) for a, b in spans]
     except BaseException:
         if proc is not None:
-            _kill_group(proc)
+            terminate(proc, 2.0, group=True)
         raise
     finally:
         if proc is not None and proc.poll() is None:  # pragma: no cover - belt and braces
-            _kill_group(proc)
+            terminate(proc, 2.0, group=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _command(url: str, load: LoadSpec, locustfile: Path, windows: int = 1) -> list[str]:
-    run_time = math.ceil(load.warmup + windows * load.duration + RUN_TIME_MARGIN_S)
+def _command(url: str, load: LoadSpec, locustfile: Path, budget_s: float) -> list[str]:
+    # Locust's own run time is only a dead-man stop (the runner ends the run after the last
+    # window), so it covers the whole budget, time spent in the window callbacks included.
+    run_time = math.ceil(budget_s + RUN_TIME_MARGIN_S)
     return [
         sys.executable, "-m", "locust",
         "-f", str(locustfile.resolve()),
@@ -184,10 +188,8 @@ def _command(url: str, load: LoadSpec, locustfile: Path, windows: int = 1) -> li
 
 def _environment(load: LoadSpec, marker: Path, results: Path) -> dict[str, str]:
     # Users' LOCUST_* settings would silently change the load; autotune owns every option.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
-    # Custom locustfiles `import autotune.load.locustfile`; make sure this autotune is found.
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    # Custom locustfiles `import autotune.load.locustfile`: child_env makes this autotune found.
+    env = child_env(drop_prefix="LOCUST_")
     env.update(
         AUTOTUNE_PATH=load.path,
         AUTOTUNE_RATE=repr(load.per_user_rate),
@@ -201,11 +203,7 @@ def _environment(load: LoadSpec, marker: Path, results: Path) -> dict[str, str]:
 
 
 def _tail(stderr_path: Path) -> str:
-    try:
-        data = stderr_path.read_bytes()[-_TAIL_CHARS:]
-    except OSError:
-        return "(no stderr)"
-    text = data.decode("utf-8", "replace").strip()
+    text = log_tail(stderr_path, lines=25, width=400)
     return f"Locust stderr (tail):\n{text}" if text else "Locust wrote nothing to stderr"
 
 
@@ -275,22 +273,6 @@ def _stop(proc: subprocess.Popen[bytes], stderr_path: Path, deadline: float) -> 
         ) from None
     if code != 0:
         raise TrialFailed(FailReason.LOAD, f"Locust exited with code {code}. {_tail(stderr_path)}")
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM Locust's process group, then SIGKILL it if it is still there after 2 s."""
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; make sure nothing it forked lingers in its group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
-    logger.error("Locust pid %d survived SIGKILL", proc.pid)  # pragma: no cover
 
 
 def _read_records(path: Path, stderr_path: Path) -> _Records:

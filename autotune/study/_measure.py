@@ -66,7 +66,8 @@ def _load_run(target: Target, spec: StudySpec, config: MeshConfig, windows: int,
         on_window_start=lambda _i: target.begin_window(),
         on_window_end=lambda _i: usage.append(target.end_window()),
         progress=obs.phase,
-        timeout_s=spec.load.warmup + windows * spec.load.duration + spec.timing.load_grace,
+        timeout_s=(spec.load.warmup + windows * (spec.load.duration + target.end_window_wait_s)
+                   + spec.timing.load_grace),
     )
     counts: dict[str, int] = {}
     for r in results:

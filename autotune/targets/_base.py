@@ -119,7 +119,8 @@ class Target(ABC):
     - ``begin_window``/``end_window`` bracket the measurement; ``end_window`` returns the proxy's
       CPU use over exactly that interval (``window_s`` is its wall-clock length). A second
       ``begin_window`` starts the window again; ``end_window`` without an open window raises
-      ``TargetError``. ``end_window`` may block until the window's figures are available.
+      ``TargetError``. ``end_window`` may block until the window's figures are available, for
+      at most ``end_window_wait_s`` seconds.
     - ``restore`` puts the baseline back (``observed()`` equals what it was after ``start``); it
       is a no-op before ``start``, after ``close`` and when the baseline is in force, and raises
       ``TargetError`` (not ``TrialFailed``: it is not a trial's failure) when it cannot.
@@ -133,6 +134,11 @@ class Target(ABC):
     """
 
     name: str = "target"
+
+    @property
+    def end_window_wait_s(self) -> float:
+        """The longest ``end_window`` may block (the load's time budget grows by this per window)."""
+        return 0.0
 
     def bind_state(self, store: StateStore) -> None:  # noqa: B027 - optional hook
         """Called before ``start`` with the study's durable state; a target whose baseline lives

@@ -326,6 +326,11 @@ class KubernetesTarget(Target):
 
     # -- measurement ---------------------------------------------------------------------------
 
+    @property
+    def end_window_wait_s(self) -> float:
+        """``end_window`` waits for Prometheus to scrape past the window: one scrape interval plus 1 s."""
+        return self.spec.prometheus.scrape_interval + 1.0
+
     def begin_window(self) -> None:
         """Mark the window's start (again, if one is open)."""
         self._require_started()

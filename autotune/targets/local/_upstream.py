@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from autotune._process import log_tail, terminate
+from autotune._process import child_env, log_tail, terminate
 from autotune.errors import TargetError
 
 logger = logging.getLogger(__name__)
@@ -227,9 +227,7 @@ class UpstreamProcess:
 
         Raises ``TargetError`` (with its stderr) if it does not come up; it is stopped then.
         """
-        pkg_root = str(Path(__file__).resolve().parents[3])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+        env = child_env()
         cmd = [sys.executable, "-m", "autotune.targets.local._upstream", "--port", "0",
                "--service-time-ms", str(self.service_time_ms),
                "--response-bytes", str(self.response_bytes), "--exit-on-stdin-eof"]
