@@ -31,6 +31,22 @@ class FailReason(StrEnum):
     NO_SUCCESS = "no-success"
     #: Ctrl-C or SIGTERM during the trial; it does not count against the budget and is re-run.
     INTERRUPTED = "interrupted"
+    #: The run measuring the trial died (SIGKILL, power loss, OOM) and left it RUNNING; the next
+    #: run of the study records it so. Does not count against the budget.
+    CRASHED = "crashed"
+    #: The study storage could not record the trial (e.g. locked past the retry bound); the run
+    #: stopped. Does not count against the budget.
+    STORAGE = "storage"
+    #: An unexpected error in autotune itself ended the run during the trial (a bug; the message
+    #: has the exception). Does not count against the budget.
+    INTERNAL = "internal-error"
+
+    @property
+    def counts(self) -> bool:
+        """Whether a trial that failed for this reason uses up the study's budget: a failure of
+        the config does, a failure of the run (interrupted, crashed, internal error) does not."""
+        return self not in (FailReason.INTERRUPTED, FailReason.CRASHED, FailReason.STORAGE,
+                            FailReason.INTERNAL)
 
 
 class AutotuneError(Exception):
@@ -54,6 +70,19 @@ class TrialFailed(AutotuneError):
     def __init__(self, reason: FailReason, message: str) -> None:
         self.reason = FailReason(reason)
         super().__init__(f"{self.reason}: {message}")
+
+
+class StorageError(AutotuneError):
+    """The study storage cannot be opened, read or written (locked past the retry bound, a path
+    that is a folder, a database that does not exist where one is only read)."""
+
+
+class StudyBusy(AutotuneError):
+    """Another live run holds the study's lease; the message names it (pid, host, since when)."""
+
+
+class ExportError(AutotuneError):
+    """The results of a study could not be written (e.g. a read-only results folder)."""
 
 
 class TargetError(AutotuneError):

@@ -10,13 +10,14 @@ from dataclasses import replace
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from autotune.errors import AutotuneError, FailReason, TrialFailed
+from autotune.errors import AutotuneError, FailReason, StorageError, TrialFailed
 from autotune.load import LoadDriver
 from autotune.mesh import PARAMETERS, MeshConfig, deployment_patch, destination_rule, to_yaml
 from autotune.spec import SearchParam, StudySpec
 from autotune.study._artifacts import artifacts_dir, open_store, upload_measurement
 from autotune.study._confirm import confirm_front
 from autotune.study._front import baseline_trial, pareto_trials
+from autotune.study._lease import StudyLease
 from autotune.study._measure import Measurement, default_driver, measure_config
 from autotune.study._objectives import (
     CONSTRAINT_NAMES,
@@ -36,7 +37,7 @@ from autotune.study._record import (
     study_objectives,
 )
 from autotune.study._sampler import make_sampler
-from autotune.study._storage import make_storage
+from autotune.study._storage import make_storage, resolve_url, retry_storage, storage_errors
 from autotune.targets import Target, make_target
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,14 @@ def config_of(trial: FrozenTrial) -> MeshConfig:
 
 
 def _counts(trial: FrozenTrial) -> bool:
-    """Uses up the budget: completed, or failed for a real reason; not Ctrl-C'd or crashed (no
-    reason recorded), nor a baseline drift re-measurement."""
+    """Uses up the budget: completed, or failed for a reason of the config; not failed for a
+    reason of the run (interrupted, crashed, storage, internal error; see ``FailReason.counts``),
+    nor a baseline drift re-measurement."""
     rec = TrialRecord.read(trial)
     if rec.drift_check:
         return False
     return trial.state == TrialState.COMPLETE or (
-        trial.state == TrialState.FAIL and rec.fail_reason is not None and not rec.interrupted)
+        trial.state == TrialState.FAIL and rec.fail_reason is not None and rec.fail_reason.counts)
 
 
 def counted_trials(study: optuna.Study) -> int:
@@ -79,24 +81,49 @@ def counted_trials(study: optuna.Study) -> int:
     return sum(_counts(t) for t in study.get_trials(deepcopy=False))
 
 
-def open_study(spec: StudySpec) -> optuna.Study:
-    """Create or load the spec's study. A study of the same name with other objectives is refused."""
-    storage = make_storage(spec.study.storage)
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create or load the spec's study (in ``storage``, default: the spec's). A study of the same
+    name with other objectives is refused. Storage failures raise ``StorageError``."""
+    url = resolve_url(spec.study.storage)
+    storage = storage or make_storage(url)
     sampler = make_sampler(spec.study.sampler, spec.study.seed)
     metrics = [o.metric for o in spec.objectives]
     directions = [o.direction for o in spec.objectives]
-    study = optuna.create_study(study_name=spec.study.name, storage=storage, sampler=sampler,
-                                directions=directions, load_if_exists=True)
-    existing = study_objectives(study)
-    if existing is None:
-        init_study_record(study, metrics, json.loads(spec.model_dump_json(by_alias=True)))
-    elif existing != metrics:
+    with storage_errors(url, "open the study in"):
+        study = optuna.create_study(study_name=spec.study.name, storage=storage, sampler=sampler,
+                                    directions=directions, load_if_exists=True)
+        existing = study_objectives(study)
+        if existing is None:
+            init_study_record(study, metrics, json.loads(spec.model_dump_json(by_alias=True)))
+    if existing is not None and existing != metrics:
         raise AutotuneError(
             f"study {spec.study.name!r} already exists with objectives {existing}, not {metrics}; "
             "choose another name with --study-name"
         )
     study.set_metric_names([METRIC_NAMES.get(m, m) for m in metrics])  # the dashboard's axis titles
     return study
+
+
+def fail_crashed_trials(study: optuna.Study, lease: StudyLease) -> list[int]:
+    """Record as FAIL, reason ``crashed``, every RUNNING trial whose run is gone: its worker holds
+    no live lease (or, for a trial not yet marked with its worker, no other run holds one).
+    Returns their numbers. Call with the lease held."""
+    live = lease.live_tokens()
+    others = live - {lease.token}
+    crashed = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        rec = TrialRecord.read(frozen)
+        if (rec.worker in live) if rec.worker is not None else bool(others):
+            continue
+        trial = Trial(study, frozen._trial_id)
+        replace(rec, fail_reason=FailReason.CRASHED,
+                fail_message="the run measuring this trial ended without recording it (killed "
+                             "or crashed); it does not count and another trial is run").write(trial)
+        study.tell(trial, state=TrialState.FAIL)
+        logger.warning("trial %d (%s) was left running by a run that is gone; recorded as crashed",
+                       frozen.number, rec.config.describe())
+        crashed.append(frozen.number)
+    return crashed
 
 
 _LIVE = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
@@ -119,16 +146,32 @@ def _has_baseline(study: optuna.Study) -> bool:
     return any(queued_baseline(t) and t.state in _LIVE for t in study.get_trials(deepcopy=False))
 
 
+def _reason_of(exc: BaseException) -> FailReason:
+    """The reason recorded on a trial ended by an exception other than ``TrialFailed``."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return FailReason.INTERRUPTED
+    if isinstance(exc, StorageError):
+        return FailReason.STORAGE
+    return FailReason.INTERNAL
+
+
 class _Objective:
-    """The Optuna objective: one trial on the target under the load, recorded on the trial."""
+    """One trial on the target under the load, recorded on the trial.
+
+    Every way out of a trial leaves a reason on it: ``TrialFailed`` records its reason, restores
+    the target and returns ``None`` (the study goes on); any other exception (Ctrl-C, SIGTERM,
+    a storage failure, a bug) records ``interrupted`` / ``storage`` / ``internal-error`` and is
+    re-raised (``run_study`` then restores and closes the target).
+    """
 
     def __init__(self, spec: StudySpec, target: Target, load: LoadDriver, observer: Observer,
-                 total: int) -> None:
+                 total: int, worker: str, url: str) -> None:
         self.spec, self.target, self.load, self.observer, self.total = spec, target, load, observer, total
+        self.worker, self.url = worker, url
         self.space = spec.search_space()
         self.store = open_store(artifacts_dir(spec))
 
-    def __call__(self, trial: Trial) -> list[float]:
+    def __call__(self, trial: Trial) -> list[float] | None:
         baseline, drift_check = queued_flags(trial)
         config = MeshConfig() if baseline else suggest(trial, self.space)
         record = self._start(trial, config, baseline, drift_check)
@@ -138,23 +181,29 @@ class _Objective:
                 values = objective_values(self.spec.objectives, measured.metrics)
             except ValueError as exc:
                 raise TrialFailed(FailReason.NO_SUCCESS, str(exc)) from None
+            self._finish(trial, record, measured)
+            # Artifacts (manifests, windows, latency chart) for the dashboard, once the trial is
+            # recorded (an upload error is logged, never fatal).
+            upload_measurement(self.store, trial, record.manifests, measured)
         except TrialFailed as exc:
-            self._fail(trial, record, exc)
+            self._fail(trial, record, exc.reason, str(exc))
+            self._restore(trial)
+            return None
+        except BaseException as exc:
+            self._fail(trial, record, _reason_of(exc), _describe(exc))
             raise
-        except KeyboardInterrupt:
-            replace(record, fail_reason=FailReason.INTERRUPTED).write(trial)
-            raise
-        self._finish(trial, record, measured)
-        # Artifacts (manifests, windows, latency chart) for the dashboard, once the trial is recorded.
-        upload_measurement(self.store, trial, record.manifests, measured)
         return values
+
+    def _write(self, trial: Trial, record: TrialRecord, doing: str) -> None:
+        retry_storage(lambda: record.write(trial), f"{doing} of trial {trial.number}", self.url)
 
     def _start(self, trial: Trial, config: MeshConfig, baseline: bool, drift_check: bool) -> TrialRecord:
         """Record the config (and its manifests) before measuring, and tell the observer."""
-        record = TrialRecord(config=config, baseline=baseline, drift_check=drift_check, manifests={
+        record = TrialRecord(config=config, baseline=baseline, drift_check=drift_check,
+                             worker=self.worker, manifests={
             "destinationrule.yaml": to_yaml(destination_rule(config, self.spec.service)),
             "deployment-patch.yaml": to_yaml(deployment_patch(config, self.spec.sidecar))})
-        record.write(trial)
+        self._write(trial, record, "record the start")
         index = counted_trials(trial.study) + 1
         if drift_check:
             self.observer.trial_started(trial.number, index - 1, self.total, config, baseline,
@@ -164,17 +213,32 @@ class _Objective:
         return record
 
     def _finish(self, trial: Trial, record: TrialRecord, m: Measurement) -> None:
+        """Record the measurement: the constraints, then every record key (retried within the
+        storage's bound). If the storage refuses, the measured figures are logged on one line
+        before the ``StorageError`` goes up."""
         rules = self.spec.constraints
-        for name, value in zip(CONSTRAINT_NAMES, constraint_values(rules, m.metrics), strict=True):
-            trial.set_constraint(name, value)  # <= 0 is feasible; the samplers read these
-        replace(
+        done = replace(
             record, metrics=m.metrics, violations=violations(rules, m.metrics),
             status_counts=m.status_counts, observed=m.observed,
             timings={k: round(v, 3) for k, v in m.timings.items()},
             spread_cv={k: round(v, 4) for k, v in m.spread.items() if k in SPREAD_KEYS},
             windows=[{k: round(w[k], 4) for k in SPREAD_KEYS} for w in m.windows],
             drift_pct=self._drift_pct(trial, m.metrics) if record.drift_check else None,
-        ).write(trial)
+        )
+        constraints = list(zip(CONSTRAINT_NAMES, constraint_values(rules, m.metrics), strict=True))
+
+        def write() -> None:
+            for name, value in constraints:
+                trial.set_constraint(name, value)  # <= 0 is feasible; the samplers read these
+            done.write(trial)
+
+        try:
+            retry_storage(write, f"record the measurement of trial {trial.number}", self.url)
+        except StorageError:
+            logger.error("trial %d (%s) was measured but not recorded: %s", trial.number,
+                         record.config.describe(), json.dumps(
+                             {k: v for k, v in m.metrics.items() if math.isfinite(v)}))
+            raise
 
     def _drift_pct(self, trial: Trial, metrics: dict[str, float]) -> float | None:
         """A baseline re-measurement's p95 against the first baseline's, in %; logs drift past
@@ -191,13 +255,58 @@ class _Objective:
                            100 * drift)
         return round(100 * drift, 2)
 
-    def _fail(self, trial: Trial, record: TrialRecord, exc: TrialFailed) -> None:
-        replace(record, fail_reason=exc.reason, fail_message=str(exc)).write(trial)
-        logger.warning("trial %d failed with %s: %s", trial.number, record.config.describe(), exc)
+    def _fail(self, trial: Trial, record: TrialRecord, reason: FailReason, message: str) -> None:
+        """Record the reason (best effort when the run is ending: a storage that refuses leaves
+        the trial RUNNING, and the next run records it as crashed)."""
+        logger.warning("trial %d failed with %s: %s", trial.number, record.config.describe(), message)
+        try:
+            replace(record, fail_reason=reason, fail_message=message).write(trial)
+        except Exception as err:  # never hide the failure being recorded
+            logger.error("could not record why trial %d failed: %s", trial.number, err)
+
+    def _restore(self, trial: Trial) -> None:
         try:
             self.target.restore()
         except AutotuneError as err:
             logger.error("could not restore the baseline after trial %d: %s", trial.number, err)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted ({exc})" if str(exc) else "interrupted (Ctrl-C)"
+    if isinstance(exc, SystemExit):
+        return f"interrupted (exit {exc.code})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _run_trial(study: optuna.Study, objective: _Objective, url: str) -> FrozenTrial:
+    """Ask for a trial, measure it and tell the study its result (FAIL when it failed). If the
+    run ends inside (Ctrl-C, an error), the trial is told FAIL, with the reason the objective
+    recorded or one from the exception, before the exception goes on."""
+    trial = retry_storage(study.ask, "start a trial", url)
+    try:
+        values = objective(trial)
+        if values is None:
+            return retry_storage(lambda: study.tell(trial, state=TrialState.FAIL),
+                                 f"record trial {trial.number} as failed", url)
+        return retry_storage(lambda: study.tell(trial, values), f"record trial {trial.number}", url)
+    except BaseException as exc:
+        _abandon(trial, exc)
+        raise
+
+
+def _abandon(trial: Trial, exc: BaseException) -> None:
+    """Tell a trial the run is leaving FAIL, with a reason (best effort, never raises)."""
+    try:
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        if frozen.state != TrialState.RUNNING:
+            return
+        rec = TrialRecord.read(frozen)
+        if rec.fail_reason is None:
+            replace(rec, fail_reason=_reason_of(exc), fail_message=_describe(exc)).write(trial)
+        trial.study.tell(trial, state=TrialState.FAIL)
+    except Exception as err:  # the next run records the trial as crashed
+        logger.error("could not record the end of trial %d (%s); the next run will", trial.number, err)
 
 
 def outcome_of(trial: FrozenTrial) -> TrialOutcome:
@@ -214,39 +323,43 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
               target: Target | None = None, *, load: LoadDriver | None = None) -> optuna.Study:
     """Run (or continue) the spec's study until its trial budget is used.
 
-    The Istio-default baseline is measured first. A failed trial is recorded FAIL with its reason,
-    the target is restored and the study goes on. On Ctrl-C (KeyboardInterrupt) the load is
-    stopped, the target restored and closed, and the exception re-raised; running again resumes.
+    The run first takes the study's lease (``StudyBusy`` names the live run holding it) and
+    records as ``crashed`` the trials a dead run left RUNNING. The Istio-default baseline is
+    measured first. A failed trial is recorded FAIL with its reason, the target is restored and
+    the study goes on. On Ctrl-C (KeyboardInterrupt), SIGTERM (as the CLI maps it) or any other
+    exception, the trial is recorded FAIL with its reason, the target restored and closed, and
+    the exception re-raised; running again resumes. The storage's failures are retried within
+    ``RETRY_S`` and then raised as one ``StorageError``.
     ``target`` defaults to the spec's, ``load`` to Locust with the spec's locustfile.
     Writes no files: exports are ``autotune.export``'s job.
     """
     obs = observer or NullObserver()
-    study = open_study(spec)
-    total = spec.study.trials
-    done = counted_trials(study)
-    obs.study_started(spec.study.name, done, total)
-    if done < total:
+    url = resolve_url(spec.study.storage)
+    storage = make_storage(url)
+    study = open_study(spec, storage)
+    with storage_errors(url, "use"), StudyLease(storage, spec.study.name) as lease:
+        fail_crashed_trials(study, lease)
+        total = spec.study.trials
+        obs.study_started(spec.study.name, counted_trials(study), total)
+        if counted_trials(study) >= total:
+            return study
         tgt = target or make_target(spec)
         tgt.check_supported(spec.search_space())
         driver = load or default_driver(spec)
         if not _has_baseline(study):
             enqueue_baseline(study)
-
-        def after_trial(st: optuna.Study, t: FrozenTrial) -> None:
-            if not TrialRecord.read(t).interrupted:
-                obs.trial_finished(outcome_of(t), [outcome_of(p) for p in pareto_trials(st)])
-            if counted_trials(st) >= total:
-                st.stop()
-            elif _drift_check_due(st, spec.measurement.drift_every):
-                enqueue_baseline(st, drift_check=True)
-
+        objective = _Objective(spec, tgt, driver, obs, total, lease.token, url)
         tgt.bind_state(StudyState(study))
         try:
             tgt.start()
-            study.optimize(_Objective(spec, tgt, driver, obs, total), callbacks=[after_trial],
-                           catch=(TrialFailed,))
-            if counted_trials(study) >= total:
-                confirm_front(study, spec, tgt, obs, load=driver)
+            while counted_trials(study) < total:
+                lease.check()
+                t = _run_trial(study, objective, url)
+                if not TrialRecord.read(t).failed_by_run:
+                    obs.trial_finished(outcome_of(t), [outcome_of(p) for p in pareto_trials(study)])
+                if counted_trials(study) < total and _drift_check_due(study, spec.measurement.drift_every):
+                    enqueue_baseline(study, drift_check=True)
+            confirm_front(study, spec, tgt, obs, load=driver)
         finally:
             tgt.close()
     return study

@@ -4,7 +4,8 @@ A trial's record is flat in ``Trial.user_attrs`` so that optuna-dashboard shows 
 column: ``config`` (the Istio-named values; ``{}`` for the baseline), ``envoy_concurrency``,
 ``baseline`` / ``drift_check`` (set when the trial is enqueued), the two manifests by file name,
 one key per metric (``None`` when not finite), ``violations``, ``status_counts``, ``observed``,
-``timings``, ``spread_cv``, ``windows``, ``drift_pct``, ``fail_reason`` and ``fail_message``.
+``timings``, ``spread_cv``, ``windows``, ``drift_pct``, ``fail_reason``, ``fail_message`` and
+``worker`` (the lease token of the run that measured it, see ``_lease``).
 Feasibility is not a user attribute: it is read from the constraints the loop sets with
 ``Trial.set_constraint`` (Optuna stores them as system attributes, ``FrozenTrial.constraints``).
 
@@ -28,13 +29,13 @@ from autotune.mesh import MeshConfig
 _CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK = "config", "envoy_concurrency", "baseline", "drift_check"
 _VIOLATIONS, _STATUS, _OBSERVED, _TIMINGS = "violations", "status_counts", "observed", "timings"
 _SPREAD, _WINDOWS, _DRIFT_PCT = "spread_cv", "windows", "drift_pct"
-_FAIL_REASON, _FAIL_MESSAGE = "fail_reason", "fail_message"
+_FAIL_REASON, _FAIL_MESSAGE, _WORKER = "fail_reason", "fail_message", "worker"
 #: The manifests stored with each trial, by file name.
 MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml")
 #: Keys that are not metrics (``feasible`` was written by older versions and is ignored).
 _NOT_METRICS = frozenset({_CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK, _VIOLATIONS, _STATUS,
                           _OBSERVED, _TIMINGS, _SPREAD, _WINDOWS, _DRIFT_PCT, _FAIL_REASON,
-                          _FAIL_MESSAGE, "feasible", *MANIFESTS})
+                          _FAIL_MESSAGE, _WORKER, "feasible", *MANIFESTS})
 #: A failure message is cut to its last this many characters.
 MESSAGE_CHARS = 2000
 
@@ -63,12 +64,19 @@ class TrialRecord:
     drift_pct: float | None = None
     fail_reason: FailReason | None = None
     fail_message: str | None = None
+    worker: str | None = None
     feasible: bool = False
 
     @property
     def interrupted(self) -> bool:
         """Stopped by Ctrl-C/SIGTERM: does not use up the budget and is run again."""
         return self.fail_reason == FailReason.INTERRUPTED
+
+    @property
+    def failed_by_run(self) -> bool:
+        """Failed for a reason of the run, not of the config (interrupted, crashed, storage,
+        internal error): does not use up the budget, and no observer reports it as a result."""
+        return self.fail_reason is not None and not self.fail_reason.counts
 
     def write(self, trial: Trial) -> None:
         """Store this record on a running trial. Only keys whose value changed are written, so a
@@ -98,6 +106,8 @@ class TrialRecord:
             attrs[_FAIL_REASON] = self.fail_reason.value
         if self.fail_message is not None:
             attrs[_FAIL_MESSAGE] = self.fail_message[-MESSAGE_CHARS:]
+        if self.worker is not None:
+            attrs[_WORKER] = self.worker
         return attrs
 
     @classmethod
@@ -118,7 +128,7 @@ class TrialRecord:
             violations=list(ua.get(_VIOLATIONS) or []),
             drift_pct=None if drift is None else float(drift),
             fail_reason=_reason(reason), fail_message=ua.get(_FAIL_MESSAGE),
-            feasible=is_feasible(trial),
+            worker=ua.get(_WORKER), feasible=is_feasible(trial),
         )
 
 
