@@ -16,7 +16,15 @@ from autotune.errors import AutotuneError
 from autotune.export import export_study, front_with_baseline, pareto_frame, pareto_text_table, results_dir
 from autotune.mesh import PARAMETERS, MeshConfig, parse_cpu
 from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec
-from autotune.study import make_storage, redact, run_single, run_study, study_objectives
+from autotune.study import (
+    make_storage,
+    redact,
+    resolve_url,
+    run_single,
+    run_study,
+    storage_errors,
+    study_objectives,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,8 +106,8 @@ def study_start(spec_path: Path, **opts: Any) -> None:
         console.print("[yellow]Interrupted.[/] The target is back at its baseline; run the same "
                       "command again to continue the study.")
         sys.exit(130)
+    _print_pareto(st)  # before the export: a results folder that cannot be written loses no table
     export_study(st, results_dir(spec))
-    _print_pareto(st)
     console.print(f"results: {results_dir(spec)}/ (trials.csv, pareto.csv, manifests)")
 
 
@@ -107,7 +115,8 @@ def study_start(spec_path: Path, **opts: Any) -> None:
 @storage_option
 def study_list(storage: str) -> None:
     """List the studies in the storage."""
-    summaries = optuna.get_all_study_summaries(make_storage(storage))
+    with storage_errors(resolve_url(storage), "read"):
+        summaries = optuna.get_all_study_summaries(make_storage(storage, create=False))
     from rich.table import Table
 
     table = Table(title=f"studies in {redact(storage)}")
@@ -121,7 +130,8 @@ def study_list(storage: str) -> None:
 
 def _load(name: str, storage: str) -> optuna.Study:
     try:
-        return optuna.load_study(study_name=name, storage=make_storage(storage))
+        with storage_errors(resolve_url(storage), "read"):
+            return optuna.load_study(study_name=name, storage=make_storage(storage, create=False))
     except KeyError:
         raise AutotuneError(f"no study named {name!r} in {redact(storage)}; "
                             "see 'autotune study list'") from None
@@ -175,7 +185,7 @@ def dashboard(storage: str, port: int, artifacts_dir: Path) -> None:
     from autotune.cli._dashboard import serve
 
     console.print(f"optuna-dashboard on http://127.0.0.1:{port}/ for {redact(storage)} (Ctrl-C stops)")
-    serve(make_storage(storage), "127.0.0.1", port, artifacts_dir)
+    serve(make_storage(storage, create=False), "127.0.0.1", port, artifacts_dir)
 
 
 @main.group()

@@ -12,6 +12,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.errors import ExportError
 from autotune.export._report import write_report
 from autotune.mesh import PARAMETERS, format_cpu
 from autotune.spec import StudySpec
@@ -128,7 +129,16 @@ class Exported:
 
 def export_study(study: optuna.Study, out_dir: Path) -> Exported:
     """Write ``trials.csv``, ``pareto.csv``, ``pareto.html`` and, for each Pareto trial,
-    ``trial-<n>/{destinationrule,deployment-patch}.yaml`` under ``out_dir``. Overwrites."""
+    ``trial-<n>/{destinationrule,deployment-patch}.yaml`` under ``out_dir``. Overwrites.
+    A folder or file that cannot be written raises ``ExportError`` naming it."""
+    try:
+        return _export(study, out_dir)
+    except OSError as exc:
+        where = exc.filename or out_dir
+        raise ExportError(f"could not write the results to {where}: {exc.strerror or exc}") from exc
+
+
+def _export(study: optuna.Study, out_dir: Path) -> Exported:
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_csv, pareto_csv = out_dir / "trials.csv", out_dir / "pareto.csv"
     trials_frame(study).to_csv(trials_csv, index=False)

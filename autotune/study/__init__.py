@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from autotune.study._confirm import confirm_front
 from autotune.study._front import baseline_trial, pareto_trials
+from autotune.study._lease import StudyLease
 from autotune.study._loop import (
     INTERRUPTED,
     config_of,
     counted_trials,
+    fail_crashed_trials,
     open_study,
     outcome_of,
     run_single,
@@ -41,7 +43,7 @@ from autotune.study._record import (
 )
 from autotune.study._sampler import make_sampler
 from autotune.study._stats import Change, aggregate, cv, paired_change
-from autotune.study._storage import make_storage, redact, resolve_url
+from autotune.study._storage import make_storage, redact, resolve_url, retry_storage, storage_errors
 
 __all__ = [
     "CONSTRAINT_NAMES",
@@ -53,6 +55,7 @@ __all__ = [
     "Measurement",
     "NullObserver",
     "Observer",
+    "StudyLease",
     "StudyState",
     "TrialOutcome",
     "TrialRecord",
@@ -65,6 +68,7 @@ __all__ = [
     "counted_trials",
     "cv",
     "default_driver",
+    "fail_crashed_trials",
     "is_feasible",
     "make_sampler",
     "make_storage",
@@ -76,8 +80,10 @@ __all__ = [
     "pareto_trials",
     "redact",
     "resolve_url",
+    "retry_storage",
     "run_single",
     "run_study",
+    "storage_errors",
     "study_objectives",
     "study_spec",
     "suggest",

@@ -27,7 +27,8 @@ import optuna
 import psutil
 import sqlalchemy as sa
 
-from autotune.errors import StudyBusy
+from autotune.errors import StorageError, StudyBusy
+from autotune.study._storage import retry_storage
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
 #: A lease whose heartbeat is older than this is abandoned (its holder froze or died elsewhere).
 STALE_S = 60.0
+
+#: Tokens of leases this process released but could not delete (a storage that stayed locked):
+#: dead, although their pid is alive.
+_RELEASED: set[str] = set()
 
 _META = sa.MetaData()
 _LEASES = sa.Table(
@@ -76,7 +81,7 @@ class Holder:
 
     def alive(self, now: float) -> bool:
         """Heartbeat fresh and, on this host, the same process still running (pid not reused)."""
-        if now - self.heartbeat > STALE_S:
+        if now - self.heartbeat > STALE_S or self.token in _RELEASED:
             return False
         if self.host != socket.gethostname():
             return True
@@ -112,7 +117,8 @@ class StudyLease:
 
     def acquire(self) -> None:
         """Take the lease, taking over one whose holder is dead; start the heartbeat."""
-        _META.create_all(self.engine, checkfirst=True)
+        url = self.engine.url.render_as_string()
+        retry_storage(lambda: _META.create_all(self.engine, checkfirst=True), "create the lease table in", url)
         now = time.time()
         me = {"study": self.study, "slot": self.slot, "token": self.token, "pid": os.getpid(),
               "host": socket.gethostname(), "proc_start": psutil.Process().create_time(),
@@ -178,11 +184,16 @@ class StudyLease:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        try:
+        _RELEASED.add(self.token)
+
+        def delete() -> None:
             with self.engine.begin() as conn:
                 conn.execute(sa.delete(_LEASES).where(_LEASES.c.token == self.token))
-        except sa.exc.SQLAlchemyError as exc:
-            logger.warning("could not release the study's lease (the next run takes it over): %s", exc)
+
+        try:
+            retry_storage(delete, "release the study's lease in", self.engine.url.render_as_string())
+        except StorageError as exc:
+            logger.warning("%s; the next run takes it over", exc)
 
     def __enter__(self) -> StudyLease:
         self.acquire()

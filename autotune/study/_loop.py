@@ -195,7 +195,7 @@ class _Objective:
         return values
 
     def _write(self, trial: Trial, record: TrialRecord, doing: str) -> None:
-        retry_storage(lambda: record.write(trial), f"{doing} of trial {trial.number}", self.url)
+        retry_storage(lambda: record.write(trial), f"{doing} of trial {trial.number} in", self.url)
 
     def _start(self, trial: Trial, config: MeshConfig, baseline: bool, drift_check: bool) -> TrialRecord:
         """Record the config (and its manifests) before measuring, and tell the observer."""
@@ -233,7 +233,7 @@ class _Objective:
             done.write(trial)
 
         try:
-            retry_storage(write, f"record the measurement of trial {trial.number}", self.url)
+            retry_storage(write, f"record the measurement of trial {trial.number} in", self.url)
         except StorageError:
             logger.error("trial %d (%s) was measured but not recorded: %s", trial.number,
                          record.config.describe(), json.dumps(
@@ -283,13 +283,13 @@ def _run_trial(study: optuna.Study, objective: _Objective, url: str) -> FrozenTr
     """Ask for a trial, measure it and tell the study its result (FAIL when it failed). If the
     run ends inside (Ctrl-C, an error), the trial is told FAIL, with the reason the objective
     recorded or one from the exception, before the exception goes on."""
-    trial = retry_storage(study.ask, "start a trial", url)
+    trial = retry_storage(study.ask, "start a trial in", url)
     try:
         values = objective(trial)
         if values is None:
             return retry_storage(lambda: study.tell(trial, state=TrialState.FAIL),
-                                 f"record trial {trial.number} as failed", url)
-        return retry_storage(lambda: study.tell(trial, values), f"record trial {trial.number}", url)
+                                 f"record trial {trial.number} as failed in", url)
+        return retry_storage(lambda: study.tell(trial, values), f"record trial {trial.number} in", url)
     except BaseException as exc:
         _abandon(trial, exc)
         raise

@@ -63,8 +63,9 @@ def make_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage
                                f"{exc.strerror or exc}") from None
     if url.startswith("sqlite:"):
         engine_kwargs["connect_args"] = {"timeout": BUSY_TIMEOUT_S}
-    with storage_errors(url, "open"):
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    # Retried: besides a lock, two runs creating one new database race on its tables.
+    return retry_storage(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs),
+                         "open", url)
 
 
 def _cause(exc: BaseException) -> str:
@@ -95,7 +96,7 @@ def storage_errors(url: str, doing: str) -> Iterator[None]:
 
 
 def retry_storage(fn: Callable[[], T], doing: str, url: str) -> T:
-    """Call ``fn`` (a storage write that may be repeated) until it succeeds, for at most
+    """Call ``fn`` (a storage operation that may be repeated) until it succeeds, for at most
     ``RETRY_S`` seconds (each attempt itself waits ``BUSY_TIMEOUT_S`` on a lock); then raise
     ``StorageError``."""
     deadline = time.monotonic() + RETRY_S
@@ -105,7 +106,7 @@ def retry_storage(fn: Callable[[], T], doing: str, url: str) -> T:
             return fn()
         except _storage_failures() as exc:
             if time.monotonic() + delay >= deadline:
-                raise StorageError(f"could not {doing} in the study storage {redact(url)} within "
+                raise StorageError(f"could not {doing} the study storage {redact(url)} within "
                                    f"{RETRY_S:g} s: {_cause(exc)}") from exc
             logger.debug("storage refused to %s (%s); retrying", doing, _cause(exc))
             time.sleep(delay)
