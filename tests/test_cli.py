@@ -38,6 +38,7 @@ def test_bad_spec_is_an_error_message_not_a_traceback(tmp_path: Path) -> None:
 
 
 def test_unknown_study_and_bad_set(tmp_path: Path) -> None:
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/x.db")
     code, out = _run("pareto", "nope", "--storage", f"sqlite:///{tmp_path}/x.db")
     assert code == 1 and "no study named 'nope'" in out
     code, out = _run("trial", "run", str(write_spec(tmp_path)), "--set", "proxy.cpuLimit=lots")
