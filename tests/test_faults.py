@@ -437,7 +437,14 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
 def test_a_read_only_results_folder_still_prints_the_table_then_one_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only_dir: Path) -> None:
     _replayed_cli(monkeypatch)
+    # With the artifact store inside it (the default), the run stops before anything is created.
     spec_path = write_spec(tmp_path, **{"study.trials": 3, "study.resultsDir": str(read_only_dir)})
+    code, out = _cli("study", "start", str(spec_path))
+    assert code == 1 and "cannot create the trials' artifact store" in _one_error(out)
+    assert not _db(tmp_path).exists()
+    # With the store elsewhere, the study runs; only the export fails, after the table.
+    spec_path = write_spec(tmp_path, **{"study.trials": 3, "study.resultsDir": str(read_only_dir),
+                                        "study.artifactsDir": str(tmp_path / "artifacts")})
     code, out = _cli("study", "start", str(spec_path))
     assert code == 1
     assert "Pareto front of t" in out

@@ -8,9 +8,10 @@ import math
 from dataclasses import replace
 
 import optuna
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from autotune.errors import AutotuneError, FailReason, StorageError, TrialFailed
+from autotune.errors import AutotuneError, ExportError, FailReason, StorageError, TrialFailed
 from autotune.load import LoadDriver
 from autotune.mesh import PARAMETERS, MeshConfig, deployment_patch, destination_rule, to_yaml
 from autotune.spec import SearchParam, StudySpec
@@ -165,11 +166,11 @@ class _Objective:
     """
 
     def __init__(self, spec: StudySpec, target: Target, load: LoadDriver, observer: Observer,
-                 total: int, worker: str, url: str) -> None:
+                 total: int, worker: str, url: str, store: FileSystemArtifactStore) -> None:
         self.spec, self.target, self.load, self.observer, self.total = spec, target, load, observer, total
         self.worker, self.url = worker, url
         self.space = spec.search_space()
-        self.store = open_store(artifacts_dir(spec))
+        self.store = store
 
     def __call__(self, trial: Trial) -> list[float] | None:
         baseline, drift_check = queued_flags(trial)
@@ -319,6 +320,16 @@ def outcome_of(trial: FrozenTrial) -> TrialOutcome:
     )
 
 
+def _open_store(spec: StudySpec) -> FileSystemArtifactStore:
+    """The trials' artifact store; a folder that cannot be made is one ``ExportError``."""
+    path = artifacts_dir(spec)
+    try:
+        return open_store(path)
+    except OSError as exc:
+        raise ExportError(f"cannot create the trials' artifact store {path}: "
+                          f"{exc.strerror or exc}") from None
+
+
 def run_study(spec: StudySpec, observer: Observer | None = None,
               target: Target | None = None, *, load: LoadDriver | None = None) -> optuna.Study:
     """Run (or continue) the spec's study until its trial budget is used.
@@ -334,6 +345,7 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
     Writes no files: exports are ``autotune.export``'s job.
     """
     obs = observer or NullObserver()
+    store = _open_store(spec)  # before anything is created: a folder that cannot be written stops here
     url = resolve_url(spec.study.storage)
     storage = make_storage(url)
     study = open_study(spec, storage)
@@ -348,7 +360,7 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
         driver = load or default_driver(spec)
         if not _has_baseline(study):
             enqueue_baseline(study)
-        objective = _Objective(spec, tgt, driver, obs, total, lease.token, url)
+        objective = _Objective(spec, tgt, driver, obs, total, lease.token, url, store)
         tgt.bind_state(StudyState(study))
         try:
             tgt.start()
