@@ -185,7 +185,7 @@ def dashboard(storage: str, port: int, artifacts_dir: Path) -> None:
     from autotune.cli._dashboard import serve
 
     console.print(f"optuna-dashboard on http://127.0.0.1:{port}/ for {redact(storage)} (Ctrl-C stops)")
-    serve(make_storage(storage, create=False), "127.0.0.1", port, artifacts_dir)
+    serve(make_storage(storage), "127.0.0.1", port, artifacts_dir)
 
 
 @main.group()
