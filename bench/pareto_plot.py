@@ -43,7 +43,8 @@ def main() -> None:
     done = {t.number: TrialRecord.read(t)
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     front = {t.number for t in pareto_trials(study)}
-    confirmed = (confirmation_of(study) or {}).get("results", {})
+    confirmation = confirmation_of(study)
+    confirmed = confirmation.results if confirmation else {}
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for feasible, style in ((False, dict(c="#bbbbbb", marker="x", label="infeasible")),
                             (True, dict(c="#4c72b0", marker="o", label="feasible"))):
@@ -53,9 +54,9 @@ def main() -> None:
     ax.step([done[n].metrics[x_metric] for n in line], [done[n].metrics[y_metric] for n in line],
             where="post", c="#dd8452", label="Pareto front")
     for n in line:
-        entry = confirmed.get(str(n))
+        entry = confirmed.get(n)
         tag = "baseline" if done[n].baseline else f"#{n}" + (
-            " ✓" if entry and entry["confirmed"] else " ✗" if entry else "")
+            " ✓" if entry and entry.confirmed else " ✗" if entry else "")
         ax.annotate(tag, (done[n].metrics[x_metric], done[n].metrics[y_metric]), textcoords="offset points",
                     xytext=(5, 6), fontsize=8)
     ax.set_xscale("log")

@@ -276,21 +276,21 @@ def test_confirmation_decides_per_config_in_interleaved_rounds(tmp_path: Path) -
     target, driver = _replay(land)
     with target:
         result = confirm_front(study, spec, target, load=driver)
-    assert result is not None and result["trials"] == [1, 3, 4, 2]  # by p95 as recorded
+    assert result is not None and result.trials == [1, 3, 4, 2]  # by p95 as recorded
     base, fast, cheap, flk, brk = MeshConfig(), lucky, cheaper, flaky, broken
     assert target.applied == [base, fast, flk, brk, cheap,  # round 1
                               base, cheap, brk, flk, fast,  # round 2, reversed
                               base, fast, flk, brk, cheap]  # round 3
-    by_trial = result["results"]
-    assert by_trial["1"]["confirmed"] is False
-    assert by_trial["1"]["reason"] == "no objective improved beyond its confidence interval"
-    assert by_trial["2"]["confirmed"] is True
-    assert by_trial["2"]["changes"]["cpu_reserved_cores"]["mean_pct"] == pytest.approx(-75.0)
-    assert by_trial["3"]["confirmed"] is False and by_trial["3"]["infeasible_rounds"] == 1
-    assert by_trial["3"]["reason"] == "infeasible or failed in 1 of 3 rounds"
-    assert by_trial["4"]["confirmed"] is False and by_trial["4"]["rounds"] == 2
-    assert by_trial["4"]["reason"] == "infeasible or failed in 1 of 3 rounds"
-    assert result["baseline"]["latency_p95_ms"] == [5.0, 5.0, 5.0]
+    by_trial = result.results
+    assert by_trial[1].confirmed is False
+    assert by_trial[1].reason == "no objective improved beyond its confidence interval"
+    assert by_trial[2].confirmed is True
+    assert by_trial[2].changes["cpu_reserved_cores"].mean_pct == pytest.approx(-75.0)
+    assert by_trial[3].confirmed is False and by_trial[3].infeasible_rounds == 1
+    assert by_trial[3].reason == "infeasible or failed in 1 of 3 rounds"
+    assert by_trial[4].confirmed is False and by_trial[4].rounds == 2
+    assert by_trial[4].reason == "infeasible or failed in 1 of 3 rounds"
+    assert result.baseline["latency_p95_ms"] == [5.0, 5.0, 5.0]
     frame = pareto_frame(study).set_index("trial")
     assert list(frame["confirmed"]) == [False, False, False, True]
     assert frame.loc[2, "cpu_reserved_cores_confirmed_change_pct"] == pytest.approx(-75.0)
@@ -305,8 +305,8 @@ def test_a_study_ends_with_the_confirmation_of_its_front(tmp_path: Path) -> None
     spec = small_spec(tmp_path, **{"study.trials": 4, "measurement.confirmRounds": 2})
     study, target = _run(spec, Landscape.synthetic(_cpu_bound))
     result = confirmation_of(study)
-    assert result is not None and result["rounds"] == 2
-    front = result["trials"]
-    assert front and set(result["results"]) == {str(n) for n in front}
+    assert result is not None and result.rounds == 2
+    front = result.trials
+    assert front and set(result.results) == set(front)
     assert len(target.applied) == 4 + 2 * (len(front) + 1)
     assert target.applied[4] == MeshConfig()  # each round starts with the baseline

@@ -43,12 +43,12 @@ def test_confirmation_keeps_real_gains_and_drops_lucky_ones(tmp_path: Path) -> N
     with target:
         result = confirm_front(study, spec, target)
     assert result is not None
-    by_trial = result["results"]
-    assert by_trial["1"]["confirmed"] is False
-    assert by_trial["1"]["reason"] == "no objective improved beyond its confidence interval"
-    assert by_trial["2"]["confirmed"] is True
-    assert by_trial["2"]["changes"]["cpu_reserved_cores"]["mean_pct"] == pytest.approx(-75.0)
-    assert len(result["baseline"]["latency_p95_ms"]) == 3  # A B1 B2, three rounds
+    by_trial = result.results
+    assert by_trial[1].confirmed is False
+    assert by_trial[1].reason == "no objective improved beyond its confidence interval"
+    assert by_trial[2].confirmed is True
+    assert by_trial[2].changes["cpu_reserved_cores"].mean_pct == pytest.approx(-75.0)
+    assert len(result.baseline["latency_p95_ms"]) == 3  # A B1 B2, three rounds
     frame = pareto_frame(study).set_index("trial")
     assert frame.loc[1, "confirmed"] == False  # noqa: E712 - pandas bool
     assert frame.loc[2, "confirmed"] == True  # noqa: E712

@@ -82,7 +82,8 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     in %, and, once confirmation ran, whether each config is confirmed with the interval of
     each objective's change (``<metric>_ci_low_pct`` … ``_ci_high_pct``)."""
     metrics = study_objectives(study) or []
-    confirmed = (confirmation_of(study) or {}).get("results", {})
+    confirmation = confirmation_of(study)
+    confirmed = confirmation.results if confirmation else {}
     rows = []
     for t in pareto_trials(study):
         row = trial_row(t)
@@ -95,14 +96,14 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
             row[f"{metric}_vs_baseline_pct"] = (
                 round(100.0 * (v - b) / b, 1) if b and v is not None else None
             )
-        entry = confirmed.get(str(t.number))
-        row["confirmed"] = None if entry is None else bool(entry["confirmed"])
+        entry = confirmed.get(t.number)
+        row["confirmed"] = None if entry is None else entry.confirmed
         for metric in metrics:
-            change = (entry or {}).get("changes", {}).get(metric, {})
-            row[f"{metric}_confirmed_change_pct"] = change.get("mean_pct")
-            row[f"{metric}_ci_low_pct"] = change.get("low_pct")
-            row[f"{metric}_ci_high_pct"] = change.get("high_pct")
-        row["confirmation_note"] = (entry or {}).get("reason")
+            change = entry.changes.get(metric) if entry else None
+            row[f"{metric}_confirmed_change_pct"] = change.mean_pct if change else None
+            row[f"{metric}_ci_low_pct"] = change.low_pct if change else None
+            row[f"{metric}_ci_high_pct"] = change.high_pct if change else None
+        row["confirmation_note"] = entry.reason if entry else None
         rows.append(row)
     return pd.DataFrame(rows)
 

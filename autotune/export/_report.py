@@ -20,7 +20,7 @@ import pandas as pd
 
 from autotune.export._table import fmt, label, pareto_text_table, pct
 from autotune.mesh import PARAMETERS, format_cpu, parse_cpu
-from autotune.study import METRIC_NAMES
+from autotune.study import METRIC_NAMES, Confirmation
 
 logger = logging.getLogger(__name__)
 #: The id of the Pareto chart saved to the study (saving again replaces it).
@@ -141,17 +141,18 @@ def drift_section(trials: pd.DataFrame) -> list[str]:
 
 
 def confirmation_section(front: pd.DataFrame, objectives: Sequence[str],
-                         confirmation: dict[str, Any] | None) -> list[str]:
+                         confirmation: Confirmation | None) -> list[str]:
     """Each confirmed-or-not Pareto config with every objective's change and its interval."""
     lines = ["## Confirmation", ""]
     rows = front[front["confirmed"].notna()] if "confirmed" in front else front.iloc[0:0]
     if rows.empty:
         return [*lines, "The front was not confirmed (measurement.confirmRounds is 0, or the study has "
                 "not used its budget yet): its numbers come from single measurements.", ""]
-    info = confirmation or {}
-    lines += [f"Each Pareto config and the baseline were measured again in {info.get('rounds', '?')} "
+    rounds = confirmation.rounds if confirmation else "?"
+    confidence = confirmation.confidence if confirmation else 0.0
+    lines += [f"Each Pareto config and the baseline were measured again in {rounds} "
               f"interleaved rounds; changes are paired against the same round's baseline, with "
-              f"{100 * float(info.get('confidence', 0)):.0f} % confidence intervals. A config is confirmed "
+              f"{100 * confidence:.0f} % confidence intervals. A config is confirmed "
               "when it stayed feasible in every round and an objective improved beyond its interval.", "",
               "| trial | confirmed | " + " | ".join(f"{metric_name(m)} change [CI]" for m in objectives)
               + " | note |", "| ---: | :--- | " + " | ".join("---:" for _ in objectives) + " | :--- |"]
@@ -197,7 +198,7 @@ def apply_section(front: pd.DataFrame, out_dir: Path, deployment: str, namespace
 
 def report_markdown(study_name: str, objectives: Sequence[str], directions: Sequence[str],
                     trials: pd.DataFrame, front: pd.DataFrame, table_frame: pd.DataFrame,
-                    confirmation: dict[str, Any] | None, out_dir: Path, deployment: str,
+                    confirmation: Confirmation | None, out_dir: Path, deployment: str,
                     namespace: str) -> str:
     """The whole report as Markdown. ``front`` is ``pareto_frame`` (what ``pareto.csv`` holds),
     ``table_frame`` the front with the baseline row (``front_with_baseline``)."""
@@ -261,7 +262,7 @@ def _workload(spec: dict[str, Any]) -> tuple[str, str]:
 
 def write_report(study: optuna.Study, out_dir: Path, trials: pd.DataFrame, front: pd.DataFrame,
                  table_frame: pd.DataFrame, *, objectives: Sequence[str], spec: dict[str, Any],
-                 confirmation: dict[str, Any] | None) -> tuple[Path, Path]:
+                 confirmation: Confirmation | None) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``pareto.html`` under ``out_dir`` and save the report
     as the study's note with the Pareto chart. ``trials``/``front``/``table_frame`` are
     ``trials_frame``/``pareto_frame``/``front_with_baseline`` of the study. Overwrites."""

@@ -34,6 +34,9 @@ from autotune.study._objectives import (
 from autotune.study._progress import NullObserver, Observer, TrialOutcome
 from autotune.study._record import (
     MANIFESTS,
+    Confirmation,
+    ConfirmedConfig,
+    ObjectiveChange,
     StudyState,
     TrialRecord,
     confirmation_of,
@@ -52,8 +55,11 @@ __all__ = [
     "METRIC_LABELS",
     "METRIC_NAMES",
     "Change",
+    "Confirmation",
+    "ConfirmedConfig",
     "Measurement",
     "NullObserver",
+    "ObjectiveChange",
     "Observer",
     "StudyLease",
     "StudyState",

@@ -11,7 +11,6 @@ the better side. The intervals of the other objectives are reported, so a trade-
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -24,7 +23,14 @@ from autotune.study._front import pareto_trials
 from autotune.study._measure import default_driver, measure_config
 from autotune.study._objectives import violations
 from autotune.study._progress import NullObserver, Observer
-from autotune.study._record import TrialRecord, confirmation_of, set_confirmation
+from autotune.study._record import (
+    Confirmation,
+    ConfirmedConfig,
+    ObjectiveChange,
+    TrialRecord,
+    confirmation_of,
+    set_confirmation,
+)
 from autotune.study._stats import paired_change
 from autotune.targets import Target
 
@@ -39,7 +45,7 @@ def candidates(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
 
 def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
                   observer: Observer | None = None, *,
-                  load: LoadDriver | None = None) -> dict[str, Any] | None:
+                  load: LoadDriver | None = None) -> Confirmation | None:
     """Run the confirmation rounds on a started target under ``load`` (default: Locust with the
     spec's locustfile) and store the result on the study. Skipped, returning the stored result,
     when the same front was already confirmed with as many rounds. Returns ``None`` when there is
@@ -52,7 +58,7 @@ def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
         return None
     key = [t.number for t in front]
     previous = confirmation_of(study)
-    if previous and previous.get("trials") == key and previous.get("rounds") == rounds:
+    if previous and previous.trials == key and previous.rounds == rounds:
         return previous
     metrics: list[str] = [o.metric for o in spec.objectives]
     runs: dict[str, list[dict[str, float] | None]] = {label: [] for label in ["baseline", *map(str, key)]}
@@ -67,7 +73,6 @@ def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
                               label == "baseline", stage="confirm")
             runs[label].append(_measure(target, spec, config, obs, driver))
     result = _evaluate(spec, key, runs, metrics)
-    result.update(trials=key, rounds=rounds, confidence=spec.measurement.confidence)
     set_confirmation(study, result)
     return result
 
@@ -87,34 +92,40 @@ def _measure(target: Target, spec: StudySpec, config: MeshConfig, obs: Observer,
 
 
 def _evaluate(spec: StudySpec, key: list[int], runs: dict[str, list[dict[str, float] | None]],
-              metrics: list[str]) -> dict[str, Any]:
-    directions: dict[str, str] = {o.metric: o.direction for o in spec.objectives}
+              metrics: list[str]) -> Confirmation:
+    """The confirmation of the configs ``key`` from their runs and the baseline's (by label, one
+    entry per round, ``None`` for a failed run)."""
     base_runs = runs["baseline"]
-    out: dict[str, Any] = {"results": {}, "baseline": {
-        m: [r[m] if r else None for r in base_runs] for m in metrics}}
-    for number in key:
-        cand = runs[str(number)]
-        pairs = [(a, b) for a, b in zip(base_runs, cand, strict=True) if a is not None and b is not None]
-        infeasible = sum(1 for b in cand if b is None or violations(spec.constraints, b))
-        entry: dict[str, Any] = {"rounds": len(pairs), "infeasible_rounds": infeasible, "changes": {}}
-        improved = False
-        for m in metrics:
-            if len(pairs) < 2:
-                continue
-            change = paired_change([a[m] for a, _ in pairs], [b[m] for _, b in pairs],
-                                   spec.measurement.confidence)
-            entry["changes"][m] = {"mean_pct": round(change.mean_pct, 2),
-                                   "low_pct": round(change.low_pct, 2),
-                                   "high_pct": round(change.high_pct, 2)}
-            improved = improved or change.improves(directions[m])
-        entry["confirmed"] = bool(improved and infeasible == 0 and len(pairs) >= 2)
-        if infeasible:
-            entry["reason"] = f"infeasible or failed in {infeasible} of {len(cand)} rounds"
-        elif len(pairs) < 2:
-            entry["reason"] = "fewer than 2 paired rounds"
-        elif not improved:
-            entry["reason"] = "no objective improved beyond its confidence interval"
-        out["results"][str(number)] = entry
-        logger.info("confirmation of trial %d: %s", number, "confirmed" if entry["confirmed"]
-                 else entry.get("reason", "not confirmed"))
-    return out
+    results = {number: _decide(spec, number, base_runs, runs[str(number)], metrics) for number in key}
+    baseline = {m: [r[m] if r else None for r in base_runs] for m in metrics}
+    return Confirmation(trials=list(key), rounds=len(base_runs), confidence=spec.measurement.confidence,
+                        baseline=baseline, results=results)
+
+
+def _decide(spec: StudySpec, number: int, base_runs: list[dict[str, float] | None],
+            cand: list[dict[str, float] | None], metrics: list[str]) -> ConfirmedConfig:
+    """One config's result: its change per objective over the rounds where both it and the
+    baseline were measured, and whether that confirms it."""
+    directions: dict[str, str] = {o.metric: o.direction for o in spec.objectives}
+    pairs = [(a, b) for a, b in zip(base_runs, cand, strict=True) if a is not None and b is not None]
+    infeasible = sum(1 for b in cand if b is None or violations(spec.constraints, b))
+    changes: dict[str, ObjectiveChange] = {}
+    improved = False
+    for m in metrics:
+        if len(pairs) < 2:
+            continue
+        change = paired_change([a[m] for a, _ in pairs], [b[m] for _, b in pairs],
+                               spec.measurement.confidence)
+        changes[m] = ObjectiveChange(round(change.mean_pct, 2), round(change.low_pct, 2),
+                                     round(change.high_pct, 2))
+        improved = improved or change.improves(directions[m])
+    reason: str | None = None
+    if infeasible:
+        reason = f"infeasible or failed in {infeasible} of {len(cand)} rounds"
+    elif len(pairs) < 2:
+        reason = "fewer than 2 paired rounds"
+    elif not improved:
+        reason = "no objective improved beyond its confidence interval"
+    logger.info("confirmation of trial %d: %s", number, reason or "confirmed")
+    return ConfirmedConfig(trial=number, rounds=len(pairs), infeasible_rounds=infeasible,
+                           changes=changes, confirmed=reason is None, reason=reason)

@@ -15,13 +15,16 @@ A study's record: ``objectives`` (metric names, in order), ``spec`` (the spec as
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NotRequired, Protocol
 
 import optuna
+import pydantic
 from optuna.trial import FrozenTrial, Trial, TrialState
+from typing_extensions import TypedDict  # pydantic validates only this one on Python 3.11
 
 from autotune.errors import FailReason
 from autotune.mesh import MeshConfig
@@ -30,6 +33,7 @@ _CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK = "config", "envoy_concurrency", 
 _VIOLATIONS, _STATUS, _OBSERVED, _TIMINGS = "violations", "status_counts", "observed", "timings"
 _SPREAD, _WINDOWS, _DRIFT_PCT = "spread_cv", "windows", "drift_pct"
 _FAIL_REASON, _FAIL_MESSAGE, _WORKER = "fail_reason", "fail_message", "worker"
+logger = logging.getLogger(__name__)
 #: The manifests stored with each trial, by file name.
 MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml")
 #: Keys that are not metrics (``feasible`` was written by older versions and is ignored).
@@ -199,14 +203,108 @@ def study_spec(study: optuna.Study) -> dict[str, Any]:
     return dict(study.user_attrs.get(_SPEC) or {})
 
 
-def confirmation_of(study: optuna.Study) -> dict[str, Any] | None:
-    """The stored confirmation result (see ``confirm_front``), if any."""
+@dataclass(frozen=True)
+class ObjectiveChange:
+    """One objective's change of a config against the same rounds' baseline, in %, with the
+    confidence interval ``[low_pct, high_pct]`` (rounded to 2 decimals)."""
+
+    mean_pct: float
+    low_pct: float
+    high_pct: float
+
+
+@dataclass(frozen=True)
+class ConfirmedConfig:
+    """The confirmation of one Pareto config (trial ``trial``): ``rounds`` paired rounds (both
+    measured), ``infeasible_rounds`` rounds where it failed or broke a constraint, each objective's
+    change (empty with fewer than 2 paired rounds), and why it is not ``confirmed`` (``None`` when
+    it is)."""
+
+    trial: int
+    rounds: int
+    infeasible_rounds: int
+    changes: dict[str, ObjectiveChange]
+    confirmed: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A confirmation result: the front's trial numbers (in the order measured), the number of
+    rounds, the confidence of the intervals, the baseline's value of each objective per round
+    (``None`` for a failed round) and each config's result by trial number."""
+
+    trials: list[int]
+    rounds: int
+    confidence: float
+    baseline: dict[str, list[float | None]]
+    results: dict[int, ConfirmedConfig]
+
+
+# The JSON stored in the study's ``confirmation`` user attribute (results keyed by the trial number
+# as a string, ``reason`` only when not confirmed); only :func:`confirmation_of` and
+# :func:`set_confirmation` see it.
+class _ChangeJSON(TypedDict):
+    mean_pct: float
+    low_pct: float
+    high_pct: float
+
+
+class _ConfigJSON(TypedDict):
+    rounds: int
+    infeasible_rounds: int
+    changes: dict[str, _ChangeJSON]
+    confirmed: bool
+    reason: NotRequired[str]
+
+
+class _ConfirmationJSON(TypedDict):
+    trials: list[int]
+    rounds: int
+    confidence: float
+    baseline: dict[str, list[float | None]]
+    results: dict[str, _ConfigJSON]
+
+
+_CONFIRMATION_JSON = pydantic.TypeAdapter(_ConfirmationJSON)
+
+
+def confirmation_of(study: optuna.Study) -> Confirmation | None:
+    """The stored confirmation result (see ``confirm_front``), if any. One this version cannot
+    read is logged and treated as absent (the front is then confirmed again)."""
     value = study.user_attrs.get(_CONFIRMATION)
-    return dict(value) if value else None
+    if not value:
+        return None
+    try:
+        data = _CONFIRMATION_JSON.validate_python(value)
+    except pydantic.ValidationError as exc:
+        logger.warning("ignoring the stored confirmation of study %s: %s", study.study_name, exc)
+        return None
+    results = {int(n): ConfirmedConfig(
+        trial=int(n), rounds=c["rounds"], infeasible_rounds=c["infeasible_rounds"],
+        changes={m: ObjectiveChange(ch["mean_pct"], ch["low_pct"], ch["high_pct"])
+                 for m, ch in c["changes"].items()},
+        confirmed=c["confirmed"], reason=c.get("reason")) for n, c in data["results"].items()}
+    return Confirmation(trials=data["trials"], rounds=data["rounds"], confidence=data["confidence"],
+                        baseline=data["baseline"], results=results)
 
 
-def set_confirmation(study: optuna.Study, result: Mapping[str, Any]) -> None:
-    study.set_user_attr(_CONFIRMATION, dict(result))
+def set_confirmation(study: optuna.Study, result: Confirmation) -> None:
+    """Store ``result`` as the study's confirmation (replacing any earlier one)."""
+    results: dict[str, _ConfigJSON] = {}
+    for number, c in result.results.items():
+        entry: _ConfigJSON = {
+            "rounds": c.rounds, "infeasible_rounds": c.infeasible_rounds,
+            "changes": {m: {"mean_pct": ch.mean_pct, "low_pct": ch.low_pct, "high_pct": ch.high_pct}
+                        for m, ch in c.changes.items()},
+            "confirmed": c.confirmed}
+        if c.reason is not None:
+            entry["reason"] = c.reason
+        results[str(number)] = entry
+    data: _ConfirmationJSON = {"trials": list(result.trials), "rounds": result.rounds,
+                               "confidence": result.confidence, "baseline": dict(result.baseline),
+                               "results": results}
+    study.set_user_attr(_CONFIRMATION, data)
 
 
 class StudyState:
