@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pandas as pd
@@ -38,11 +37,11 @@ def results_dir(spec: StudySpec) -> Path:
     return Path(spec.study.results_dir) / spec.study.name
 
 
-def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+def trial_row(trial: FrozenTrial) -> dict[str, object]:
     """One trial as a flat row: number, state, baseline, config by Istio name, metrics, reason."""
     rec = TrialRecord.read(trial)
     config = rec.config
-    row: dict[str, Any] = {
+    row: dict[str, object] = {
         "trial": trial.number,
         "state": trial.state.name,
         "baseline": rec.baseline,

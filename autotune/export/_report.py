@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 import pandas as pd
@@ -21,6 +21,9 @@ import pandas as pd
 from autotune.export._table import fmt, label, pareto_text_table, pct
 from autotune.mesh import PARAMETERS, format_cpu, parse_cpu
 from autotune.study import METRIC_NAMES, Confirmation
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 logger = logging.getLogger(__name__)
 #: The id of the Pareto chart saved to the study (saving again replaces it).
@@ -37,7 +40,7 @@ def _measured(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def pareto_figure(study_name: str, objectives: Sequence[str], trials: pd.DataFrame,
-                  front: pd.DataFrame) -> Any:
+                  front: pd.DataFrame) -> go.Figure | None:
     """The first two objectives of every measured trial: the feasible front (joined, red),
     other feasible trials (blue), infeasible ones (grey crosses, with why), the first baseline
     (black star) and its drift re-measurements (open stars). ``None`` with fewer than two
@@ -231,7 +234,7 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-coll
         "td,th{border:1px solid #ccc;padding:.2em .5em}pre{background:#f4f4f4;padding:.5em}")
 
 
-def report_html(markdown: str, figure: Any, title: str) -> str:
+def report_html(markdown: str, figure: go.Figure | None, title: str) -> str:
     """A self-contained page: the report rendered from Markdown, then the Pareto chart with
     plotly.js embedded (readable offline, no CDN)."""
     from markdown_it import MarkdownIt
@@ -242,7 +245,7 @@ def report_html(markdown: str, figure: Any, title: str) -> str:
             f"<style>{_CSS}</style></head><body>{body}<h2>Pareto chart</h2>{chart}</body></html>\n")
 
 
-def publish(study: optuna.Study, markdown: str, figure: Any) -> None:
+def publish(study: optuna.Study, markdown: str, figure: go.Figure | None) -> None:
     """Save the report as the study's note and the chart as its plotly graph for optuna-dashboard."""
     from optuna_dashboard import save_note, save_plotly_graph_object
 
@@ -251,17 +254,19 @@ def publish(study: optuna.Study, markdown: str, figure: Any) -> None:
         save_plotly_graph_object(study, figure, graph_object_id=PARETO_GRAPH_ID)
 
 
-def _workload(spec: dict[str, Any]) -> tuple[str, str]:
-    """The Deployment and namespace the deployment patch is for: the Kubernetes target's, else
-    placeholders (a local study tuned a stand-in sidecar) in the service's namespace."""
-    target = spec.get("target") or {}
-    if target.get("kind") == "kubernetes":
+def _workload(spec: Mapping[str, object]) -> tuple[str, str]:
+    """The Deployment and namespace the deployment patch is for (``spec`` as JSON, see
+    ``study_spec``): the Kubernetes target's, else placeholders (a local study tuned a stand-in
+    sidecar) in the service's namespace."""
+    target, service = spec.get("target"), spec.get("service")
+    if isinstance(target, dict) and target.get("kind") == "kubernetes":
         return str(target["deployment"]), str(target["namespace"])
-    return "<client-deployment>", str((spec.get("service") or {}).get("namespace", "default"))
+    namespace = service.get("namespace", "default") if isinstance(service, dict) else "default"
+    return "<client-deployment>", str(namespace)
 
 
 def write_report(study: optuna.Study, out_dir: Path, trials: pd.DataFrame, front: pd.DataFrame,
-                 table_frame: pd.DataFrame, *, objectives: Sequence[str], spec: dict[str, Any],
+                 table_frame: pd.DataFrame, *, objectives: Sequence[str], spec: Mapping[str, object],
                  confirmation: Confirmation | None) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``pareto.html`` under ``out_dir`` and save the report
     as the study's note with the Pareto chart. ``trials``/``front``/``table_frame`` are

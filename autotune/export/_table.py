@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 
@@ -45,11 +44,13 @@ class TextTable:
         return "\n".join([row(self.headers), "| " + " | ".join(align) + " |", *(row(r) for r in self.rows)])
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or bool(pd.isna(value))
+def _missing(value: object) -> bool:
+    """``None``, NaN (a float or numpy float) or pandas' ``NA``/``NaT``."""
+    return (value is None or value is pd.NA or value is pd.NaT
+            or (isinstance(value, float) and math.isnan(value)))
 
 
-def fmt(value: Any, digits: int = 2) -> str:
+def fmt(value: object, digits: int = 2) -> str:
     """A number with ``digits`` decimals, ``-`` when missing."""
     if _missing(value):
         return "-"
@@ -58,9 +59,9 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def pct(value: Any) -> str:
+def pct(value: float | None) -> str:
     """A signed change in percent, e.g. ``-43.2%``; ``-`` when missing."""
-    return "-" if _missing(value) else f"{float(value):+.1f}%"
+    return "-" if value is None or _missing(value) else f"{value:+.1f}%"
 
 
 def label(metric: str) -> str:

@@ -22,13 +22,16 @@ import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import Trial
 
 from autotune.spec import StudySpec
 from autotune.study._measure import Measurement
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 logger = logging.getLogger(__name__)
 #: Percentiles each window records, with the probability they stand for.
@@ -61,7 +64,7 @@ def windows_csv(windows: Sequence[Mapping[str, float]]) -> str:
     return out.getvalue()
 
 
-def latency_figure(windows: Sequence[Mapping[str, float]], title: str) -> Any:
+def latency_figure(windows: Sequence[Mapping[str, float]], title: str) -> go.Figure | None:
     """A plotly figure of each window's latency percentiles as cumulative probability (x: latency
     in ms, y: share of requests at or below it). ``None`` when no window has a percentile."""
     import plotly.graph_objects as go
@@ -82,7 +85,7 @@ def latency_figure(windows: Sequence[Mapping[str, float]], title: str) -> Any:
 
 
 def trial_files(manifests: Mapping[str, str], windows: Sequence[Mapping[str, float]],
-                proxy: Mapping[str, Any], title: str) -> dict[str, str]:
+                proxy: Mapping[str, object], title: str) -> dict[str, str]:
     """The artifact files of one trial, by file name (empty parts are left out)."""
     files = {name: text for name, text in manifests.items() if text}
     if windows:

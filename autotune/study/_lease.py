@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any
 
 import optuna
 import psutil
@@ -204,7 +203,7 @@ class StudyLease:
         self.release()
 
 
-def _holder(row: Any) -> Holder:
+def _holder(row: sa.RowMapping) -> Holder:
     return Holder(token=row["token"], pid=int(row["pid"]), host=row["host"],
                   proc_start=float(row["proc_start"]), since=float(row["since"]),
                   heartbeat=float(row["heartbeat"]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from autotune.load import LoadDriver, LoadResult, LocustDriver
 from autotune.mesh import MeshConfig
@@ -27,7 +26,7 @@ class Measurement:
     spread: dict[str, float] = field(default_factory=dict)
     windows: list[dict[str, float]] = field(default_factory=list)
     status_counts: dict[str, int] = field(default_factory=dict)
-    observed: dict[str, Any] = field(default_factory=dict)
+    observed: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NotRequired, Protocol
+from typing import NotRequired, Protocol
 
 import optuna
 import pydantic
@@ -62,7 +62,7 @@ class TrialRecord:
     windows: list[dict[str, float]] = field(default_factory=list)
     spread_cv: dict[str, float] = field(default_factory=dict)
     status_counts: dict[str, int] = field(default_factory=dict)
-    observed: dict[str, Any] = field(default_factory=dict)
+    observed: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     drift_pct: float | None = None
@@ -90,10 +90,10 @@ class TrialRecord:
             if key not in current or current[key] != value:
                 trial.set_user_attr(key, value)
 
-    def user_attrs(self) -> dict[str, Any]:
+    def user_attrs(self) -> dict[str, object]:
         """The record as Optuna user attributes (what :meth:`write` stores; for
         ``optuna.trial.create_trial`` when a trial is made by hand)."""
-        attrs: dict[str, Any] = {_CONFIG: self.config.to_params(),
+        attrs: dict[str, object] = {_CONFIG: self.config.to_params(),
                                  _CONCURRENCY: self.config.effective_concurrency, **self.manifests}
         if self.baseline:
             attrs[_BASELINE] = True
@@ -136,12 +136,12 @@ class TrialRecord:
         )
 
 
-def _is_number_or_none(value: Any) -> bool:
+def _is_number_or_none(value: object) -> bool:
     return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
-def _reason(value: Any) -> FailReason | None:
-    if value is None:
+def _reason(value: object) -> FailReason | None:
+    if not isinstance(value, str):
         return None
     try:
         return FailReason(value)
@@ -164,7 +164,7 @@ def queued_flags(trial: Trial) -> tuple[bool, bool]:
 
 def enqueue_baseline(study: optuna.Study, *, drift_check: bool = False) -> None:
     """Queue a measurement of the Istio defaults (a re-measurement when ``drift_check``)."""
-    attrs: dict[str, Any] = {_BASELINE: True}
+    attrs: dict[str, object] = {_BASELINE: True}
     if drift_check:
         attrs[_DRIFT_CHECK] = True
     study.enqueue_trial({}, user_attrs=attrs)
@@ -182,23 +182,23 @@ _OBJECTIVES, _SPEC, _CONFIRMATION, _TARGET = "objectives", "spec", "confirmation
 
 class _HasUserAttrs(Protocol):
     @property
-    def user_attrs(self) -> dict[str, Any]: ...
+    def user_attrs(self) -> Mapping[str, object]: ...
 
 
 def study_objectives(study: _HasUserAttrs) -> list[str] | None:
     """The metric names the study optimizes, in order (``None`` for a study not made by autotune).
     Works on a ``Study`` and on a ``StudySummary``."""
     value = study.user_attrs.get(_OBJECTIVES)
-    return None if value is None else [str(v) for v in value]
+    return [str(v) for v in value] if isinstance(value, list) else None
 
 
-def init_study_record(study: optuna.Study, objectives: Sequence[str], spec: Mapping[str, Any]) -> None:
+def init_study_record(study: optuna.Study, objectives: Sequence[str], spec: Mapping[str, object]) -> None:
     """Record a new study's objectives and spec (the spec as JSON-able data)."""
     study.set_user_attr(_OBJECTIVES, list(objectives))
     study.set_user_attr(_SPEC, dict(spec))
 
 
-def study_spec(study: optuna.Study) -> dict[str, Any]:
+def study_spec(study: optuna.Study) -> dict[str, object]:
     """The spec the study was created with, as JSON data (camelCase keys); ``{}`` if none."""
     return dict(study.user_attrs.get(_SPEC) or {})
 
@@ -313,8 +313,10 @@ class StudyState:
     def __init__(self, study: optuna.Study) -> None:
         self.study = study
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str) -> object:
+        """The JSON value stored under ``key``, ``None`` if none."""
         return self.study.user_attrs.get(f"{_TARGET}{key}")
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: object) -> None:
+        """Store ``value`` (JSON-able) under ``key``, replacing any earlier value."""
         self.study.set_user_attr(f"{_TARGET}{key}", value)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import optuna
 
@@ -49,7 +49,7 @@ def make_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage
     create a database). SQLite waits up to ``BUSY_TIMEOUT_S`` for another writer's lock.
     Raises ``StorageError`` (one line) for every failure to open it."""
     url = resolve_url(url)
-    engine_kwargs: dict[str, Any] = {}
+    engine_kwargs: dict[str, dict[str, float]] = {}
     path = sqlite_path(url)
     if path is not None:
         if path.is_dir():
