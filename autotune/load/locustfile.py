@@ -54,11 +54,12 @@ import signal
 import sys
 import time
 from array import array
+from collections.abc import Callable
 from itertools import count
-from typing import Any
 
 import gevent
 from locust import FastHttpUser, events, task
+from locust.event import EventHook
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,12 @@ class _Recorder:
         self.max_records = int(_env_float("AUTOTUNE_MAX_RECORDS", 5_000_000))
         self.marker_path = os.environ.get("AUTOTUNE_MARKER")
         self.results_path = os.environ.get("AUTOTUNE_RESULTS")
-        self._watchdog: Any = None
+        self._watchdog: gevent.Greenlet | None = None
 
     # -- listeners ---------------------------------------------------------------------------
     def on_request(
-        self, response_time: float | None = None, response: Any = None,
-        exception: BaseException | None = None, **_: Any,
+        self, response_time: float | None = None, response: object = None,
+        exception: BaseException | None = None, **_: object,
     ) -> None:
         """Record one finished request (called by Locust for every request of every user)."""
         end = time.time()
@@ -105,7 +106,7 @@ class _Recorder:
         self.statuses.append(status)
         self.failed.append(1 if exception is not None or not 200 <= status < 300 else 0)
 
-    def on_test_start(self, environment: Any = None, **_: Any) -> None:
+    def on_test_start(self, environment: object = None, **_: object) -> None:
         """Write the started marker and arm the parent watchdog."""
         self.start = time.time()
         if self.marker_path:
@@ -117,7 +118,7 @@ class _Recorder:
         if parent and self._watchdog is None:
             self._watchdog = gevent.spawn(_watch_parent, int(parent))
 
-    def on_stop(self, **_: Any) -> None:
+    def on_stop(self, **_: object) -> None:
         """Write all records to ``AUTOTUNE_RESULTS`` (idempotent; the last call wins)."""
         if not self.results_path:
             return
@@ -139,10 +140,10 @@ class _Recorder:
         _atomic_write(self.results_path, blob)
 
 
-def _le_bytes(a: array[Any]) -> bytes:
+def _le_bytes(a: array[int] | array[float]) -> bytes:
     if sys.byteorder == "little":
         return a.tobytes()
-    b = array(a.typecode, a)
+    b = a[:]  # a copy
     b.byteswap()
     return b.tobytes()
 
@@ -164,15 +165,20 @@ def _watch_parent(parent_pid: int) -> None:
             return
 
 
+def _listen(hook: EventHook, handler: Callable[..., None]) -> None:
+    add: Callable[[Callable[..., None]], object] = hook.add_listener  # untyped in locust
+    add(handler)
+
+
 # Register once, even if a custom locustfile imports this module as well.
-_events: Any = events  # locust's EventHook.add_listener is untyped
-if not getattr(_events, "_autotune_recorder", None):
+_MARK = "_autotune_recorder"  # set on locust's ``events`` once the recorder listens
+if not getattr(events, _MARK, None):
     _recorder = _Recorder()
-    _events._autotune_recorder = _recorder
-    _events.request.add_listener(_recorder.on_request)
-    _events.test_start.add_listener(_recorder.on_test_start)
-    _events.test_stop.add_listener(_recorder.on_stop)
-    _events.quitting.add_listener(_recorder.on_stop)
+    setattr(events, _MARK, _recorder)
+    _listen(events.request, _recorder.on_request)
+    _listen(events.test_start, _recorder.on_test_start)
+    _listen(events.test_stop, _recorder.on_stop)
+    _listen(events.quitting, _recorder.on_stop)
 
 
 class PacedUser(FastHttpUser):

@@ -5,6 +5,7 @@ Deployment's pod-template annotations (``proxy.istio.io/config`` and the four
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -20,10 +21,11 @@ ANN_MEMORY = "sidecar.istio.io/proxyMemory"
 ANN_MEMORY_LIMIT = "sidecar.istio.io/proxyMemoryLimit"
 
 
-def connection_pool(config: MeshConfig) -> dict[str, Any]:
-    """The DestinationRule ``trafficPolicy.connectionPool`` block; empty when nothing is set."""
-    tcp: dict[str, Any] = {}
-    http: dict[str, Any] = {}
+def connection_pool(config: MeshConfig) -> dict[str, dict[str, int]]:
+    """The DestinationRule ``trafficPolicy.connectionPool`` block (``tcp`` and ``http``, each
+    only with the fields set); empty when nothing is set."""
+    tcp: dict[str, int] = {}
+    http: dict[str, int] = {}
     if config.max_connections is not None:
         tcp["maxConnections"] = config.max_connections
     if config.http1_max_pending_requests is not None:
@@ -34,7 +36,7 @@ def connection_pool(config: MeshConfig) -> dict[str, Any]:
         http["maxRequestsPerConnection"] = config.max_requests_per_connection
     if config.max_retries is not None:
         http["maxRetries"] = config.max_retries
-    pool: dict[str, Any] = {}
+    pool: dict[str, dict[str, int]] = {}
     if tcp:
         pool["tcp"] = tcp
     if http:
@@ -43,9 +45,10 @@ def connection_pool(config: MeshConfig) -> dict[str, Any]:
 
 
 def destination_rule(config: MeshConfig, service: ServiceRef) -> dict[str, Any]:
-    """The DestinationRule a user applies for this config (valid against the Istio 1.30 CRD)."""
+    """The DestinationRule a user applies for this config (valid against the Istio 1.30 CRD), as
+    the mutable JSON body the Kubernetes client sends."""
     pool = connection_pool(config)
-    spec: dict[str, Any] = {"host": service.host}
+    spec: dict[str, object] = {"host": service.host}
     if pool:
         spec["trafficPolicy"] = {"connectionPool": pool}
     return {
@@ -82,6 +85,6 @@ def deployment_patch(config: MeshConfig, sidecar: SidecarResources) -> dict[str,
     return {"spec": {"template": {"metadata": {"annotations": sidecar_annotations(config, sidecar)}}}}
 
 
-def to_yaml(obj: dict[str, Any]) -> str:
+def to_yaml(obj: Mapping[str, object]) -> str:
     """Block-style YAML with keys in insertion order, as a user would write it."""
     return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
