@@ -20,7 +20,9 @@ def small_spec_data(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
             "proxy.concurrency": {"low": 1, "high": 2},
             "proxy.cpuLimit": {"low": "100m", "high": "1", "log": True},
         },
-        "load": {"users": 5, "ratePerUser": 20, "warmup": 1, "duration": 2},
+        "load": {"users": 5, "ratePerUser": 20},
+        # Short phases; xdsPush 0 and a short rollout timeout suit the fake cluster.
+        "timing": {"warmup": 1, "window": 2, "xdsPush": 0, "rolloutTimeout": 10},
         # One window per trial, no drift checks, no confirmation: fast; test_noise_control.py
         # turns them on.
         "measurement": {"repeats": 1, "maxRepeats": 1, "driftEvery": 0, "confirmRounds": 0},

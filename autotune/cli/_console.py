@@ -6,7 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -14,20 +14,34 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from autotune.export import TextTable
 from autotune.mesh import MeshConfig
-from autotune.study import METRIC_LABELS, TrialOutcome
+
+if TYPE_CHECKING:  # autotune.study and .export load Optuna, pandas and SciPy: not before a spec has passed
+    from autotune.export import TextTable
+    from autotune.study import TrialOutcome
+
+
+def _labels() -> dict[str, str]:
+    from autotune.study import METRIC_LABELS
+
+    return METRIC_LABELS
+
 
 console = Console(stderr=False, highlight=False)
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Route logging through the console; Optuna's own per-trial lines are replaced by ours."""
-    import optuna
-
+    """Route logging through the console (Optuna is configured by ``quiet_optuna`` once loaded)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
                         force=True)
+
+
+def quiet_optuna() -> None:
+    """Optuna's own per-trial lines are replaced by ours; call it before using Optuna (importing it
+    takes ~0.5 s, so the CLI does so only once a spec has passed)."""
+    import optuna
+
     # Optuna flags features we rely on (heartbeats, constraints) as experimental; users need not see it.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.disable_default_handler()
@@ -90,7 +104,7 @@ class RichObserver:
                                         f"{escape(outcome.reason)}")
         else:
             m = outcome.metrics
-            parts = [f"{METRIC_LABELS.get(k, k)} {_fmt(m.get(k))}" for k in self.objectives]
+            parts = [f"{_labels().get(k, k)} {_fmt(m.get(k))}" for k in self.objectives]
             parts.append(f"{_fmt(m.get('achieved_rps'), 0)} rps, errors {m.get('error_rate', 0):.1%}")
             mark = "[green]✓[/]" if outcome.feasible else "[yellow]infeasible[/]"
             extra = f" ({'; '.join(outcome.violations)})" if outcome.violations else ""
@@ -109,7 +123,7 @@ class RichObserver:
             return "no feasible config yet"
         cells = [f"#{t.number} " + "/".join(_fmt(t.metrics.get(k)) for k in self.objectives) for t in front[:4]]
         more = f" +{len(front) - 4}" if len(front) > 4 else ""
-        units = "/".join(METRIC_LABELS.get(k, k) for k in self.objectives)
+        units = "/".join(_labels().get(k, k) for k in self.objectives)
         return f"front ({units}): {', '.join(cells)}{more}"
 
 

@@ -6,25 +6,17 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import optuna
 
-from autotune.cli._console import RichObserver, console, metrics_table, print_table, setup_logging
+from autotune.cli._console import RichObserver, console, metrics_table, print_table, quiet_optuna, setup_logging
 from autotune.errors import AutotuneError
-from autotune.export import export_study, front_with_baseline, pareto_frame, pareto_text_table, results_dir
 from autotune.mesh import PARAMETERS, MeshConfig, parse_cpu
 from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec
-from autotune.study import (
-    make_storage,
-    redact,
-    resolve_url,
-    run_single,
-    run_study,
-    storage_errors,
-    study_objectives,
-)
+
+if TYPE_CHECKING:  # Optuna, pandas and the study loop load only once a spec has passed (fast errors)
+    import optuna
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,8 +51,8 @@ def study() -> None:
 
 def _overrides(spec: StudySpec, **opts: Any) -> StudySpec:
     keys = {"study_name": "study.name", "trials": "study.trials", "storage": "study.storage",
-            "sampler": "study.sampler", "seed": "study.seed", "duration": "load.duration",
-            "warmup": "load.warmup", "results_dir": "study.results_dir",
+            "sampler": "study.sampler", "seed": "study.seed", "duration": "timing.window",
+            "warmup": "timing.warmup", "results_dir": "study.results_dir",
             "artifacts_dir": "study.artifacts_dir"}
     changes = {keys[k]: v for k, v in opts.items() if v is not None}
     return spec.with_overrides(**changes) if changes else spec
@@ -73,8 +65,8 @@ def _spec_options(f: F) -> F:
         click.option("--storage", envvar="AUTOTUNE_STORAGE", help="Override study.storage."),
         click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random", "gp"])),
         click.option("--seed", type=int),
-        click.option("--duration", type=float, help="Measurement window, seconds."),
-        click.option("--warmup", type=float, help="Warm-up before the window, seconds."),
+        click.option("--duration", type=float, help="Override timing.window (one measurement window), seconds."),
+        click.option("--warmup", type=float, help="Override timing.warmup, seconds."),
         click.option("--results-dir", help="Where trials/<name>/ exports go."),
         click.option("--artifacts-dir", help="Override study.artifactsDir (the trials' artifact store)."),
     ]):
@@ -92,11 +84,15 @@ def _interrupt(signum: int, _frame: object) -> None:
 def study_start(spec_path: Path, **opts: Any) -> None:
     """Start or continue the study in SPEC_PATH; ends with the Pareto table."""
     spec = _overrides(load_spec(spec_path), **opts)
+    from autotune.export import export_study, results_dir
+    from autotune.study import redact, run_study
+
+    quiet_optuna()
     objectives = [o.metric for o in spec.objectives]
     console.print(f"study [bold]{spec.study.name}[/] · storage {redact(spec.study.storage)} · "
                   f"sampler {spec.study.sampler} · load {spec.load.users} users × "
-                  f"{spec.load.per_user_rate:g} rps, {spec.load.warmup:g}s warm-up + "
-                  f"{spec.measurement.repeats}×{spec.load.duration:g}s windows")
+                  f"{spec.load.per_user_rate:g} rps, {spec.timing.warmup:g}s warm-up + "
+                  f"{spec.measurement.repeats}×{spec.timing.window:g}s windows")
     # A CronJob's pod is stopped with SIGTERM: treat it like Ctrl-C, so the baseline is restored.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -115,6 +111,11 @@ def study_start(spec_path: Path, **opts: Any) -> None:
 @storage_option
 def study_list(storage: str) -> None:
     """List the studies in the storage."""
+    import optuna
+
+    from autotune.study import make_storage, redact, resolve_url, storage_errors, study_objectives
+
+    quiet_optuna()
     with storage_errors(resolve_url(storage), "read"):
         summaries = optuna.get_all_study_summaries(make_storage(storage, create=False))
     from rich.table import Table
@@ -129,6 +130,11 @@ def study_list(storage: str) -> None:
 
 
 def _load(name: str, storage: str) -> optuna.Study:
+    import optuna
+
+    from autotune.study import make_storage, redact, resolve_url, storage_errors
+
+    quiet_optuna()
     try:
         with storage_errors(resolve_url(storage), "read"):
             return optuna.load_study(study_name=name, storage=make_storage(storage, create=False))
@@ -138,6 +144,9 @@ def _load(name: str, storage: str) -> optuna.Study:
 
 
 def _print_pareto(st: optuna.Study) -> None:
+    from autotune.export import front_with_baseline, pareto_text_table
+    from autotune.study import study_objectives
+
     objectives = study_objectives(st) or []
     frame = front_with_baseline(st)
     if frame.empty:
@@ -153,6 +162,8 @@ def _print_pareto(st: optuna.Study) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 def pareto(name: str, storage: str, fmt: str) -> None:
     """Show the feasible Pareto-optimal configs of study NAME."""
+    from autotune.export import pareto_frame
+
     st = _load(name, storage)
     if fmt == "table":
         _print_pareto(st)
@@ -168,6 +179,8 @@ def pareto(name: str, storage: str, fmt: str) -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def export(name: str, storage: str, out: Path) -> None:
     """Write trials.csv, pareto.csv and per-Pareto-config manifests of study NAME to --out."""
+    from autotune.export import export_study
+
     result = export_study(_load(name, storage), out)
     console.print(f"wrote {result.trials_csv}, {result.pareto_csv} and "
                   f"{len(result.manifest_dirs)} manifest folder(s)")
@@ -183,6 +196,9 @@ def dashboard(storage: str, port: int, artifacts_dir: Path) -> None:
     """Serve optuna-dashboard for the storage on 127.0.0.1 (the URL stays out of argv and logs).
     Only feasible trials are marked best; each trial lists its constraints and artifacts."""
     from autotune.cli._dashboard import serve
+    from autotune.study import make_storage, redact
+
+    quiet_optuna()
 
     console.print(f"optuna-dashboard on http://127.0.0.1:{port}/ for {redact(storage)} (Ctrl-C stops)")
     serve(make_storage(storage), "127.0.0.1", port, artifacts_dir)
@@ -221,6 +237,9 @@ def trial_run(spec_path: Path, sets: tuple[str, ...], duration: float | None,
     """Measure one config once under the spec's load (e.g. to check the baseline)."""
     spec = _overrides(load_spec(spec_path), duration=duration, warmup=warmup)
     config = _parse_sets(sets)
+    from autotune.study import run_single
+
+    quiet_optuna()
     with RichObserver([o.metric for o in spec.objectives]) as observer:
         observer.study_started("single trial", 0, 1)
         observer.trial_started(0, 1, 1, config, not sets)

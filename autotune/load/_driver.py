@@ -22,10 +22,11 @@ class LoadDriver(Protocol):
     Contract of :meth:`run`, for every implementation:
 
     - the load is ``load`` (users, rate, path), fixed for the whole run, sent to ``url`` only;
-    - one warm-up of ``load.warmup`` s, then ``windows`` back-to-back windows of ``load.duration``
-      s; ``on_window_start(i)`` is called at the start of window ``i`` and ``on_window_end(i)``
-      at its end, once each, in order start(0) end(0) start(1) end(1) …, so a target can
-      bracket the same interval (``Target.begin_window``/``end_window``);
+    - one warm-up of ``warmup_s`` (the spec's ``timing.warmup``), then ``windows`` back-to-back
+      windows of ``window_s`` (``timing.window``); ``on_window_start(i)`` is called at the start
+      of window ``i`` and ``on_window_end(i)`` at its end, once each, in order start(0) end(0)
+      start(1) end(1) …, so a target can bracket the same interval
+      (``Target.begin_window``/``end_window``);
     - ``progress(phase, fraction)``, if given, is called with phase ``"warmup"`` or ``"measure"``
       (``"measure i/n"`` for several windows) and a fraction 0..1, at least once per phase;
     - returns one :class:`LoadResult` per window, in order, each over its own window only;
@@ -38,8 +39,8 @@ class LoadDriver(Protocol):
     Not thread-safe: one run at a time.
     """
 
-    def run(self, url: str, load: LoadSpec, *, windows: int, on_window_start: WindowFn,
-            on_window_end: WindowFn, progress: ProgressFn | None = None,
+    def run(self, url: str, load: LoadSpec, *, warmup_s: float, window_s: float, windows: int,
+            on_window_start: WindowFn, on_window_end: WindowFn, progress: ProgressFn | None = None,
             timeout_s: float | None = None) -> list[LoadResult]:
         """One warm-up and ``windows`` measured windows of ``load`` against ``url``."""
         ...
@@ -52,10 +53,10 @@ class LocustDriver:
     def __init__(self, locustfile: Path | None = None) -> None:
         self.locustfile = locustfile or BUILTIN_LOCUSTFILE
 
-    def run(self, url: str, load: LoadSpec, *, windows: int, on_window_start: WindowFn,
-            on_window_end: WindowFn, progress: ProgressFn | None = None,
+    def run(self, url: str, load: LoadSpec, *, warmup_s: float, window_s: float, windows: int,
+            on_window_start: WindowFn, on_window_end: WindowFn, progress: ProgressFn | None = None,
             timeout_s: float | None = None) -> list[LoadResult]:
         """See :class:`LoadDriver`."""
-        return run_load_windows(url, load, self.locustfile, windows=windows,
+        return run_load_windows(url, load, self.locustfile, warmup_s=warmup_s, window_s=window_s, windows=windows,
                                 on_window_start=on_window_start, on_window_end=on_window_end,
                                 progress=progress, timeout_s=timeout_s)

@@ -77,6 +77,8 @@ def run_load_windows(
     load: LoadSpec,
     locustfile: Path,
     *,
+    warmup_s: float,
+    window_s: float,
     windows: int,
     on_window_start: Callable[[int], None],
     on_window_end: Callable[[int], None],
@@ -84,13 +86,13 @@ def run_load_windows(
     timeout_s: float | None = None,
 ) -> list[LoadResult]:
     """Run ``load`` against ``url`` with ``locustfile``: one warm-up, then ``windows`` back-to-back
-    measurement windows of ``load.duration`` each; return the figures of each window.
+    measurement windows of ``window_s`` each; return the figures of each window.
 
     The callbacks get the window's index; with more than one window the progress phase is
     ``"measure i/n"``.
 
-    Calls ``on_window_start(0)`` ``load.warmup`` s after Locust's test start, then for each window
-    ``i`` ``on_window_end(i)`` ``load.duration`` s after ``on_window_start(i)`` and, right after it,
+    Calls ``on_window_start(0)`` ``warmup_s`` after Locust's test start, then for each window
+    ``i`` ``on_window_end(i)`` ``window_s`` after ``on_window_start(i)`` and, right after it,
     ``on_window_start(i + 1)``; a window is the wall-clock span
     between the moments just before each callback ran, and only requests that *completed* inside
     it are counted. ``progress(phase, fraction)`` is called at least once a second with phase
@@ -110,7 +112,7 @@ def run_load_windows(
         raise TrialFailed(FailReason.LOAD, f"locustfile not found: {locustfile}")
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
-    budget = timeout_s if timeout_s is not None else load.warmup + windows * load.duration + 60.0
+    budget = timeout_s if timeout_s is not None else warmup_s + windows * window_s + 60.0
     deadline = time.monotonic() + budget
 
     workdir = Path(tempfile.mkdtemp(prefix="autotune-load-"))
@@ -135,7 +137,7 @@ def run_load_windows(
         t0 = _wait_for_marker(proc, marker, stderr_path, deadline)
         logger.debug("Locust test started %.2f s after spawn", time.monotonic() - spawned)
 
-        _sleep_until(t0 + load.warmup, t0, load.warmup, "warmup", proc, stderr_path,
+        _sleep_until(t0 + warmup_s, t0, warmup_s, "warmup", proc, stderr_path,
                      deadline, progress)
         spans: list[tuple[float, float]] = []
         next_start = time.time()
@@ -143,7 +145,7 @@ def run_load_windows(
             window_start = next_start
             on_window_start(i)
             phase = "measure" if windows == 1 else f"measure {i + 1}/{windows}"
-            _sleep_until(window_start + load.duration, window_start, load.duration, phase,
+            _sleep_until(window_start + window_s, window_start, window_s, phase,
                          proc, stderr_path, deadline, progress)
             window_end = time.time()
             on_window_end(i)

@@ -32,22 +32,32 @@ class ServiceRef(_Model):
 
 class SidecarResources(_Model):
     """The sidecar resources that are not tuned but must be written with the CPU limit
-    (Istio drops all its defaults once one resource annotation is set)."""
+    (Istio drops all its defaults once one resource annotation is set). Quantities may be written
+    as strings (``100m``, ``1Gi``) or, as Kubernetes accepts them, as numbers (``1``, ``1073741824``).
+    The memory request may not exceed the memory limit (the API server refuses such a pod)."""
 
     cpu_request: str = "100m"
     memory_request: str = "128Mi"
     memory_limit: str = "1024Mi"
 
-    @field_validator("cpu_request")
+    @field_validator("cpu_request", mode="before")
     @classmethod
-    def _cpu(cls, v: str) -> str:
+    def _cpu(cls, v: object) -> str:
         return format_cpu(parse_cpu(v))
 
-    @field_validator("memory_request", "memory_limit")
+    @field_validator("memory_request", "memory_limit", mode="before")
     @classmethod
-    def _mem(cls, v: str) -> str:
+    def _mem(cls, v: object) -> str:
         parse_memory(v)
-        return v
+        return str(v)
+
+    @model_validator(mode="after")
+    def _request_within_limit(self) -> SidecarResources:
+        if parse_memory(self.memory_request) > parse_memory(self.memory_limit):
+            raise ValueError(f"memoryRequest <= memoryLimit must hold (Kubernetes refuses a request above "
+                             f"its limit), got memoryRequest={self.memory_request}, "
+                             f"memoryLimit={self.memory_limit}")
+        return self
 
     @property
     def cpu_request_cores(self) -> float:

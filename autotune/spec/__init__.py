@@ -1,14 +1,17 @@
 """Study specs (``search-spaces/*.yaml``): parsed once, at the edge, into typed models.
 
-Every problem is reported with the file, the field path and the rule broken, before anything runs.
+Every problem is reported with the file, the field path and the rule broken, before anything runs;
+reading a spec creates nothing and imports nothing heavy (no Optuna, pandas, SQLAlchemy).
 """
 
 from __future__ import annotations
 
 from autotune.mesh import ServiceRef, SidecarResources
+from autotune.spec._duration import format_duration, parse_duration
 from autotune.spec._load import load_spec
 from autotune.spec._models import (
     DEFAULT_STORAGE,
+    MAX_FILE_BYTES,
     Constraints,
     KubernetesTargetSpec,
     LoadSpec,
@@ -24,9 +27,11 @@ from autotune.spec._models import (
     UpstreamSpec,
     parse_spec,
 )
+from autotune.spec._storage_url import check_storage_url
 
 __all__ = [
     "DEFAULT_STORAGE",
+    "MAX_FILE_BYTES",
     "Constraints",
     "KubernetesTargetSpec",
     "LoadSpec",
@@ -42,6 +47,9 @@ __all__ = [
     "StudySpec",
     "Timing",
     "UpstreamSpec",
+    "check_storage_url",
+    "format_duration",
     "load_spec",
+    "parse_duration",
     "parse_spec",
 ]

@@ -1,6 +1,8 @@
 """Study specs (``search-spaces/*.yaml``): parsed once, at the edge, into typed models.
 
-Every problem is reported with the file, the field path and the rule broken, before anything runs.
+A ``StudySpec`` is valid by construction: ``StudySpec.model_validate`` applies every rule (the
+parameters' ranges against Istio's limits, cross-field rules, the timing bounds) and reports each
+broken rule with its field path. ``parse_spec`` only turns pydantic's errors into one ``SpecError``.
 """
 
 from __future__ import annotations
@@ -14,30 +16,50 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from autotune.errors import SpecError
 from autotune.mesh import PARAMETERS, ParamInfo, ServiceRef, SidecarResources, format_cpu, parse_cpu
+from autotune.spec._duration import duration, format_duration
+from autotune.spec._storage_url import check_storage_url
 
 DEFAULT_STORAGE = "sqlite:///trials/autotune.db"
-_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)?\s*$")
+#: Largest spec or locustfile read (checked before reading: a spec is a page, not a data set).
+MAX_FILE_BYTES = 1 << 20
+#: A Kubernetes measurement window spans at least this many Prometheus scrape intervals.
+MIN_SCRAPES_PER_WINDOW = 4
+_LOCUSTFILE_IMPORT_RE = re.compile(
+    r"^\s*(import\s+autotune\.load\.locustfile\b|from\s+autotune\.load\.locustfile\s+import\b"
+    r"|from\s+autotune\.load\s+import\s+.*\blocustfile\b)", re.MULTILINE)
 
 
-def _seconds(value: Any) -> Any:
-    """Accept ``30``, ``"30s"``, ``"500ms"`` or ``"2m"`` and return seconds."""
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"a duration is a number of seconds or '30s', '500ms', '2m'; got {value!r}")
-        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-        return float(m.group(1)) * scale
-    return value
+class RuleBroken(ValueError):
+    """One or more rules broken below the validator that raises it: ``(path, rule)`` pairs, each
+    path relative to that validator's own location (``field`` names it, for the text of ``str()``)."""
+
+    def __init__(self, problems: list[tuple[str, str]], field: str = "") -> None:
+        self.problems, self.field = problems, field
+        super().__init__("; ".join(f"{_join(field, path)}: {rule}" for path, rule in problems))
 
 
-Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+def _join(base: str, path: str) -> str:
+    if not base or not path:
+        return base or path
+    return base + path if path.startswith("[") else f"{base}.{path}"
+
+
+def _refuse_moved(data: Any, moved: dict[str, str]) -> Any:
+    """Name the new home of a renamed field (``moved`` maps old key → message), not "extra field"."""
+    if isinstance(data, dict):
+        problems = [(str(key), moved[key]) for key in data if key in moved]
+        if problems:
+            raise RuleBroken(problems)
+    return data
 
 
 class _Model(BaseModel):
@@ -47,7 +69,8 @@ class _Model(BaseModel):
 
 
 class StudySettings(_Model):
-    """Which study, where it is stored, how it searches."""
+    """Which study, where it is stored, how it searches. ``storage`` is checked when the spec is
+    read (scheme, driver installed, SQLite path); see ``check_storage_url``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     storage: str = DEFAULT_STORAGE
@@ -58,9 +81,18 @@ class StudySettings(_Model):
     #: Optuna artifact store (a directory) for each trial's files; default ``<resultsDir>/artifacts``.
     artifacts_dir: str | None = None
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, url: str) -> str:
+        problems = check_storage_url(url)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return url
+
 
 class ParamRange(_Model):
-    """Search range of one parameter as written in the spec (checked against Istio's rules later)."""
+    """Search range of one parameter as written in the spec; ``StudySpec`` checks it against the
+    parameter's rules and keeps the typed ``SearchParam``."""
 
     type: Literal["int", "cpu"] | None = None
     low: int | float | str
@@ -102,15 +134,23 @@ class Constraints(_Model):
 
 
 class LoadSpec(_Model):
-    """A fixed, paced Locust load: ``users`` each sending ``rate_per_user`` requests/s."""
+    """A fixed, paced Locust load: ``users`` each sending ``rate_per_user`` requests/s. How long it
+    runs is in ``timing`` (``warmup``, ``window``). ``locustfile`` is relative to the spec file and
+    must import ``autotune.load.locustfile`` (which records every request)."""
 
     users: int = Field(default=10, ge=1, le=5000)
     rate_per_user: float | None = Field(default=None, gt=0)
     target_rps: float | None = Field(default=None, gt=0)
-    warmup: Seconds = 5.0
-    duration: Annotated[float, BeforeValidator(_seconds), Field(gt=0)] = 20.0
     path: str = Field(default="/", pattern=r"^/")
     locustfile: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _refuse_moved(data, {
+            "warmup": "moved to timing.warmup",
+            "duration": "moved to timing.window (one measurement window)",
+        })
 
     @model_validator(mode="after")
     def _one_rate(self) -> LoadSpec:
@@ -147,20 +187,36 @@ class LocalTargetSpec(_Model):
     kind: Literal["local"] = "local"
     upstream: UpstreamSpec = UpstreamSpec()
     envoy_binary: str | None = None
-    ready_timeout: Seconds = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        moved = "moved to timing.proxyStartTimeout (Envoy start-up)"
+        return _refuse_moved(data, {"readyTimeout": moved, "ready_timeout": moved})
+
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class PrometheusSpec(_Model):
     """Where sidecar CPU (cAdvisor) and, optionally, server-side latency are read.
-    The bearer token comes from a file or an environment variable, never from the spec itself."""
+    The bearer token comes from a file (``tokenFile``) or an environment variable (``tokenEnv``,
+    its name without ``$``), never from the spec itself; at most one of the two."""
 
     url: str = Field(pattern=r"^https?://")
     token_file: str | None = None
-    token_env: str | None = None
+    token_env: str | None = Field(default=None, pattern=_ENV_NAME)
     server_latency: bool = False
-    #: Prometheus' scrape interval; the measurement window must span at least 4 of them.
-    scrape_interval: Seconds = 15.0
-    timeout: Seconds = 30.0
+    #: Prometheus' scrape interval; a Kubernetes measurement window must span at least 4 of them.
+    scrape_interval: Annotated[float, duration(at_most=600, positive=True)] = 15.0
+    #: Timeout of one Prometheus query.
+    timeout: Annotated[float, duration(at_most=600, positive=True)] = 30.0
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> PrometheusSpec:
+        if self.token_file is not None and self.token_env is not None:
+            raise ValueError("give either tokenFile or tokenEnv, not both (the token has one source)")
+        return self
 
 
 class KubernetesTargetSpec(_Model):
@@ -178,23 +234,59 @@ class KubernetesTargetSpec(_Model):
     #: The URL the load is sent to (the only address load goes to).
     service_url: str = Field(pattern=r"^https?://")
     prometheus: PrometheusSpec
-    #: Time for a DestinationRule-only change to reach the sidecars (xDS push).
-    settle: Seconds = 10.0
-    rollout_timeout: Seconds = 600.0
     #: How often the Deployment is read while waiting for a rollout.
-    poll_interval: Annotated[float, BeforeValidator(_seconds), Field(gt=0)] = 2.0
-    request_timeout: Seconds = 30.0
+    poll_interval: Annotated[float, duration(at_most=60, positive=True)] = 2.0
+    #: Timeout of one Kubernetes API request.
+    request_timeout: Annotated[float, duration(at_most=600, positive=True)] = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        rollout = "moved to timing.rolloutTimeout"
+        return _refuse_moved(data, {
+            "settle": "moved to timing.xdsPush (the wait for a DestinationRule-only change to reach "
+                      "the sidecars)",
+            "rolloutTimeout": rollout, "rollout_timeout": rollout,
+        })
 
 
 TargetSpec = Annotated[LocalTargetSpec | KubernetesTargetSpec, Field(discriminator="kind")]
 
 
 class Timing(_Model):
-    """How long each phase of a trial may take before the trial is failed."""
+    """How long each phase of a trial lasts or may take, named for what it waits for.
 
-    ready_timeout: Seconds = 60.0
-    settle: Seconds = 0.0
-    load_grace: Seconds = 30.0
+    A trial: apply the config → wait until it serves traffic (``readyTimeout``; on Kubernetes a pod
+    template change waits for its rollout, ``rolloutTimeout``, and a DestinationRule-only change
+    for the xDS push, ``xdsPush``; the local target waits for Envoy, ``proxyStartTimeout``) → pause
+    ``settle`` → load: ``warmup``, then measurement windows of ``window`` each (the load may
+    overrun its planned length by ``loadGrace`` before the trial fails).
+
+    Durations are seconds (a bare number) or strings with a unit: ``500ms``, ``30s``, ``10min``,
+    ``1h``; ``m`` alone is refused (it means millicores for CPU). Each has an upper bound.
+    """
+
+    #: Load before the first measurement window, not measured (connections, JIT, caches).
+    warmup: Annotated[float, duration(at_most=600)] = 5.0
+    #: One measurement window; a trial runs ``measurement.repeats`` of them back to back.
+    window: Annotated[float, duration(at_most=3600, positive=True)] = 20.0
+    #: Apply → the config serves traffic; a trial that is not ready by then fails (``not-ready``).
+    ready_timeout: Annotated[float, duration(at_most=3600, positive=True)] = 60.0
+    #: A pause after the target is ready and before the load starts.
+    settle: Annotated[float, duration(at_most=600)] = 0.0
+    #: Kubernetes: the wait for a DestinationRule-only change to reach the sidecars (xDS push).
+    xds_push: Annotated[float, duration(at_most=600)] = 10.0
+    #: Kubernetes: a rollout of a changed pod template must finish within this (``rollout-failed``).
+    rollout_timeout: Annotated[float, duration(at_most=3600, positive=True)] = 600.0
+    #: Local: Envoy must start and answer on its admin port within this (``proxy-start``).
+    proxy_start_timeout: Annotated[float, duration(at_most=600, positive=True)] = 30.0
+    #: How much longer than warm-up + windows the load may run before the trial fails (``load``).
+    load_grace: Annotated[float, duration(at_most=600)] = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return _refuse_moved(data, {"duration": "is called timing.window (one measurement window)"})
 
 
 class MeasurementSpec(_Model):
@@ -227,7 +319,7 @@ class MeasurementSpec(_Model):
 
 
 class StudySpec(_Model):
-    """A whole study spec file."""
+    """A whole study spec file, valid by construction (see the module docstring)."""
 
     study: StudySettings
     service: ServiceRef = ServiceRef()
@@ -244,10 +336,68 @@ class StudySpec(_Model):
     target: TargetSpec = LocalTargetSpec()
     #: Set by the loader: the file this spec came from (for relative paths and messages).
     source: str = Field(default="<memory>", exclude=True)
+    _space: list[SearchParam] = PrivateAttr(default_factory=list)
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, ranges: dict[str, ParamRange]) -> dict[str, ParamRange]:
+        problems: list[tuple[str, str]] = []
+        for name, r in ranges.items():
+            problems += [(f'["{name}"]{path}', rule) for path, rule in _search_param(name, r)[1]]
+        if problems:
+            raise RuleBroken(problems, field="parameters")
+        return ranges
+
+    @field_validator("objectives")
+    @classmethod
+    def _unique_objectives(cls, objectives: list[Objective]) -> list[Objective]:
+        first: dict[str, int] = {}
+        problems: list[tuple[str, str]] = []
+        for i, o in enumerate(objectives):
+            if o.metric in first:
+                problems.append((f"[{i}]", f"{o.metric} is already objectives[{first[o.metric]}]; "
+                                           "each metric may be an objective once"))
+            first.setdefault(o.metric, i)
+        if problems:
+            raise RuleBroken(problems, field="objectives")
+        return objectives
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> StudySpec:
+        self._space = [p for name, r in self.parameters.items()
+                       if (p := _search_param(name, r)[0]) is not None]
+        problems = self._cpu_request_rule() + self._window_rule() + self._locustfile_rule()
+        if problems:
+            raise RuleBroken(problems)
+        return self
+
+    def _cpu_request_rule(self) -> list[tuple[str, str]]:
+        cpu = next((p for p in self._space if p.name == "proxy.cpuLimit"), None)
+        if cpu is None or self.sidecar.cpu_request_cores <= cpu.low:
+            return []
+        return [("sidecar.cpuRequest", f"must be <= the lowest proxy.cpuLimit searched "
+                 f"(parameters[\"proxy.cpuLimit\"].low = {format_cpu(cpu.low)}): Kubernetes refuses a "
+                 f"request above its limit; got {self.sidecar.cpu_request}")]
+
+    def _window_rule(self) -> list[tuple[str, str]]:
+        if not isinstance(self.target, KubernetesTargetSpec):
+            return []
+        scrape = self.target.prometheus.scrape_interval
+        if self.timing.window >= MIN_SCRAPES_PER_WINDOW * scrape:
+            return []
+        return [("timing.window", f"must span at least {MIN_SCRAPES_PER_WINDOW} Prometheus scrape intervals "
+                 f"(target.prometheus.scrapeInterval = {format_duration(scrape)}), i.e. >= "
+                 f"{format_duration(MIN_SCRAPES_PER_WINDOW * scrape)}; got {format_duration(self.timing.window)}")]
+
+    def _locustfile_rule(self) -> list[tuple[str, str]]:
+        if not self.load.locustfile:
+            return []
+        problem = _check_locustfile(self.locustfile_path())
+        return [("load.locustfile", problem)] if problem else []
 
     def search_space(self) -> list[SearchParam]:
-        """The validated parameters, in spec order (CPU values in cores)."""
-        return [_search_param(name, r) for name, r in self.parameters.items()]
+        """The validated parameters, in spec order (CPU values in cores), computed at validation."""
+        return list(self._space)
 
     def locustfile_path(self) -> Path:
         """The locustfile to run: the spec's (relative to the spec file) or the built-in paced one."""
@@ -257,7 +407,7 @@ class StudySpec(_Model):
         return Path(__file__).parents[1] / "load" / "locustfile.py"
 
     def with_overrides(self, **changes: Any) -> StudySpec:
-        """A copy with dotted-path overrides, e.g. ``{"study.trials": 3, "load.duration": 5}``,
+        """A copy with dotted-path overrides, e.g. ``{"study.trials": 3, "timing.window": 5}``,
         validated like the file itself."""
         data = self.model_dump(by_alias=False, exclude={"source"})
         for dotted, value in changes.items():
@@ -269,57 +419,95 @@ class StudySpec(_Model):
         return parse_spec(data, self.source)
 
 
-def _search_param(name: str, r: ParamRange) -> SearchParam:
-    info = PARAMETERS[name]
-    if info.kind == "cpu":
-        low, high = parse_cpu(r.low), parse_cpu(r.high)
-        step = parse_cpu(r.step) if r.step is not None else None
-    else:
-        low, high = float(r.low), float(r.high)
-        step = float(r.step) if r.step is not None else None
-    return SearchParam(name=name, info=info, low=low, high=high, log=r.log, step=step)
+def _check_locustfile(path: Path) -> str | None:
+    """Why ``path`` cannot be autotune's locustfile, or ``None``: it must be a readable ``.py`` file
+    of at most ``MAX_FILE_BYTES`` that compiles and imports ``autotune.load.locustfile``."""
+    if not path.is_file():
+        return f"{path} does not exist (a relative path is relative to the spec file)" if not path.exists() \
+            else f"{path} is not a file"
+    if path.suffix != ".py":
+        return f"{path} is not a Python file (.py); Locust imports the locustfile as a module"
+    if path.stat().st_size > MAX_FILE_BYTES:
+        return f"{path} is larger than {MAX_FILE_BYTES // 1024} KiB"
+    try:
+        source = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    except UnicodeDecodeError as exc:
+        return f"{path} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+    try:
+        compile(source, str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        line = f" at line {exc.lineno}" if isinstance(exc, SyntaxError) and exc.lineno else ""
+        return f"{path} is not valid Python{line}: {exc.msg if isinstance(exc, SyntaxError) else exc}"
+    if not _LOCUSTFILE_IMPORT_RE.search(source):
+        return (f"{path} does not import autotune.load.locustfile, so nothing would be measured; add "
+                "'import autotune.load.locustfile  # noqa: F401' to it")
+    return None
 
 
-def _check_param(name: str, r: ParamRange) -> list[str]:
-    """Istio's and Optuna's rules for one range; each problem names the field path and the rule."""
-    where = f'parameters["{name}"]'
+def _search_param(name: str, r: ParamRange) -> tuple[SearchParam | None, list[tuple[str, str]]]:
+    """The typed parameter, or the rules it breaks (Istio's and Optuna's), each with its sub-path."""
     info = PARAMETERS.get(name)
     if info is None:
-        known = ", ".join(PARAMETERS)
-        return [f"{where}: unknown parameter; known parameters are {known}"]
+        return None, [("", f"unknown parameter; known parameters are {', '.join(PARAMETERS)}")]
     if r.type is not None and r.type != info.kind:
-        return [f"{where}.type: {name} is of type {info.kind!r}, not {r.type!r}"]
-    problems: list[str] = []
+        return None, [(".type", f"{name} is of type {info.kind!r}, not {r.type!r}")]
+    problems: list[tuple[str, str]] = []
     values: dict[str, float] = {}
     for key in ("low", "high", "step"):
         raw = getattr(r, key)
         if raw is None:
             continue
         try:
-            if info.kind == "cpu":
-                values[key] = parse_cpu(raw)
-            else:
-                if isinstance(raw, bool) or not isinstance(raw, int):
-                    raise ValueError(f"must be a whole number, got {raw!r}")
-                values[key] = float(raw)
+            values[key] = _number(info, raw)
         except ValueError as exc:
-            problems.append(f"{where}.{key}: {exc}")
+            problems.append((f".{key}", str(exc)))
     if problems:
-        return problems
-    low, high = values["low"], values["high"]
+        return None, problems
+    problems = _range_rules(info, values, r.log)
+    if problems:
+        return None, problems
+    return SearchParam(name=name, info=info, low=values["low"], high=values["high"], log=r.log,
+                       step=values.get("step")), []
+
+
+def _number(info: ParamInfo, raw: int | float | str) -> float:
+    if info.kind == "cpu":
+        return parse_cpu(raw)
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ValueError(f"must be a whole number, got {raw!r}")
+    return float(raw)
+
+
+def _range_rules(info: ParamInfo, values: dict[str, float], log: bool) -> list[tuple[str, str]]:
+    low, high, step = values["low"], values["high"], values.get("step")
+    problems: list[tuple[str, str]] = []
     if low < info.minimum:
         why = ("Istio treats 0 as unset and istiod rejects negative limits"
                if info.kind == "int" else "the local cgroup quota cannot go below 10m")
-        problems.append(f"{where}.low: must be >= {_fmt(info, info.minimum)} ({why}), got {_fmt(info, low)}")
+        problems.append((".low", f"must be >= {_fmt(info, info.minimum)} ({why}), got {_fmt(info, low)}"))
     if high > info.maximum:
-        problems.append(f"{where}.high: must be <= {_fmt(info, info.maximum)}, got {_fmt(info, high)}")
+        problems.append((".high", f"must be <= {_fmt(info, info.maximum)}, got {_fmt(info, high)}"))
     if low > high:
-        problems.append(f"{where}: low <= high must hold, got low={_fmt(info, low)}, high={_fmt(info, high)}")
-    if r.log and "step" in values:
-        problems.append(f"{where}: log and step cannot be combined (Optuna samples one or the other)")
-    if "step" in values and values["step"] <= 0:
-        problems.append(f"{where}.step: must be > 0")
-    return problems
+        problems.append(("", f"low <= high must hold, got low={_fmt(info, low)}, high={_fmt(info, high)}"))
+    if step is None or problems:
+        return problems
+    if log:
+        return [("", "log and step cannot be combined (Optuna samples one or the other)")]
+    if step <= 0:
+        return [(".step", "must be > 0")]
+    span = high - low
+    if step > span > 0:
+        return [(".step", f"step <= high - low must hold (Optuna would collapse the range to low), got "
+                          f"step={_fmt(info, step)}, high - low={_fmt(info, span)}")]
+    scale = 1000 if info.kind == "cpu" else 1
+    if round(span * scale) % round(step * scale) != 0:
+        below = low + (span // step) * step
+        return [(".high", f"high - low must be a multiple of step (Optuna would silently lower high to "
+                          f"{_fmt(info, below)}), got low={_fmt(info, low)}, high={_fmt(info, high)}, "
+                          f"step={_fmt(info, step)}")]
+    return []
 
 
 def _fmt(info: ParamInfo, value: float) -> str:
@@ -328,34 +516,38 @@ def _fmt(info: ParamInfo, value: float) -> str:
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
+        elif i > 0 and loc[i - 1] == "target" and part in ("local", "kubernetes"):
+            continue  # the discriminator's tag, not a field the user wrote
         elif "." in part:
             out += f'["{part}"]'
         else:
             out += ("." if out else "") + part
-    return out or "(top level)"
+    return out
+
+
+def spec_problems(exc: ValidationError) -> list[str]:
+    """Each broken rule of a failed ``StudySpec`` validation as ``path: rule``."""
+    problems: list[str] = []
+    for e in exc.errors():
+        where = _format_loc(e["loc"])
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, RuleBroken):
+            problems += [f"{_join(where, path) or '(top level)'}: {rule}" for path, rule in cause.problems]
+        elif isinstance(cause, ValueError):
+            problems.append(f"{where or '(top level)'}: {cause}")
+        else:
+            problems.append(f"{where or '(top level)'}: {e['msg']}")
+    return problems
 
 
 def parse_spec(data: Any, source: str = "<memory>") -> StudySpec:
     """Validate an already-loaded document; raise ``SpecError`` listing every problem."""
     if not isinstance(data, dict):
         raise SpecError(source, ["(top level): a study spec is a mapping with at least 'study' and 'parameters'"])
-    problems: list[str] = []
-    spec: StudySpec | None = None
     try:
-        spec = StudySpec.model_validate({**data, "source": source})
+        return StudySpec.model_validate({**data, "source": source})
     except ValidationError as exc:
-        problems += [f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
-    raw_params = data.get("parameters")
-    if isinstance(raw_params, dict):
-        for name, raw in raw_params.items():
-            try:
-                r = ParamRange.model_validate(raw)
-            except ValidationError:
-                continue  # already reported by the model above
-            problems += _check_param(str(name), r)
-    if problems or spec is None:
-        raise SpecError(source, problems)
-    return spec
+        raise SpecError(source, spec_problems(exc)) from None

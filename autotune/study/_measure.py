@@ -61,11 +61,11 @@ def _load_run(target: Target, spec: StudySpec, config: MeshConfig, windows: int,
     """One load run: a warm-up, then ``windows`` back-to-back windows, each with the proxy's CPU."""
     usage: list[ProxyUsage] = []
     results = load.run(
-        target.load_url, spec.load, windows=windows,
+        target.load_url, spec.load, warmup_s=spec.timing.warmup, window_s=spec.timing.window, windows=windows,
         on_window_start=lambda _i: target.begin_window(),
         on_window_end=lambda _i: usage.append(target.end_window()),
         progress=obs.phase,
-        timeout_s=(spec.load.warmup + windows * (spec.load.duration + target.end_window_wait_s)
+        timeout_s=(spec.timing.warmup + windows * (spec.timing.window + target.end_window_wait_s)
                    + spec.timing.load_grace),
     )
     counts: dict[str, int] = {}
@@ -117,6 +117,6 @@ def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
     t3 = time.monotonic()
     metrics["windows"] = float(len(windows))
     timings = {"apply_s": t1 - t0, "ready_s": t2 - t1, "load_s": t3 - t2, "total_s": t3 - t0,
-               "window_s": runs * spec.load.warmup + len(windows) * spec.load.duration}
+               "window_s": runs * spec.timing.warmup + len(windows) * spec.timing.window}
     return Measurement(metrics=metrics, spread=spread, windows=windows, status_counts=counts,
                        observed=observed, timings=timings)

@@ -15,7 +15,7 @@ def make_target(spec: StudySpec) -> Target:
     if isinstance(spec.target, LocalTargetSpec):
         from autotune.targets.local import LocalTarget
 
-        return LocalTarget(spec.target, spec.service)
+        return LocalTarget(spec.target, spec.service, timing=spec.timing)
     from autotune.targets.kubernetes import KubernetesTarget
 
-    return KubernetesTarget(spec.target, spec.service, spec.sidecar)
+    return KubernetesTarget(spec.target, spec.service, spec.sidecar, timing=spec.timing)

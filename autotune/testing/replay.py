@@ -121,9 +121,9 @@ class Landscape:
         """From now on, every latency is ``factor`` times what the landscape says."""
         self.latency_factor *= factor
 
-    def windows(self, point: Point, load: LoadSpec, count: int, run: int) -> list[_Window]:
-        """``count`` noisy windows of ``point`` under ``load`` (deterministic per run)."""
-        requests = max(1, round(load.offered_rps * load.duration * point.throughput_ratio))
+    def windows(self, point: Point, load: LoadSpec, window_s: float, count: int, run: int) -> list[_Window]:
+        """``count`` noisy windows of ``window_s`` of ``point`` under ``load`` (deterministic per run)."""
+        requests = max(1, round(load.offered_rps * window_s * point.throughput_ratio))
         failures = (requests if point.fail == FailReason.NO_SUCCESS
                     else min(requests, round(requests * point.error_rate)))
         out = []
@@ -136,8 +136,8 @@ class Landscape:
                               point.latency_p99_ms * factor) if ok else (math.nan,) * 3)
             counts = {k: v for k, v in (("200", requests - failures), ("503", failures)) if v}
             out.append(_Window(LoadResult(
-                offered_rps=load.offered_rps, achieved_rps=requests / load.duration,
-                requests=requests, failures=failures, window_s=load.duration,
+                offered_rps=load.offered_rps, achieved_rps=requests / window_s,
+                requests=requests, failures=failures, window_s=window_s,
                 latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99, status_counts=counts,
             ), point.cpu_cores))
         return out
@@ -152,8 +152,8 @@ class ReplayDriver:
         self.active = False
         self.urls: list[str] = []
 
-    def run(self, url: str, load: LoadSpec, *, windows: int, on_window_start: WindowFn,
-            on_window_end: WindowFn, progress: ProgressFn | None = None,
+    def run(self, url: str, load: LoadSpec, *, warmup_s: float, window_s: float, windows: int,
+            on_window_start: WindowFn, on_window_end: WindowFn, progress: ProgressFn | None = None,
             timeout_s: float | None = None) -> list[LoadResult]:
         """See ``LoadDriver``: warm-up, then per window ``on_window_start(i)``, the window,
         ``on_window_end(i)``; the target's ``end_window`` reads that window's CPU."""
@@ -172,7 +172,7 @@ class ReplayDriver:
                 raise TrialFailed(FailReason.LOAD, f"replayed load failure for {land.applied.describe()}")
             report("warmup", 1.0)
             results = []
-            for i, window in enumerate(land.windows(point, load, windows, run)):
+            for i, window in enumerate(land.windows(point, load, window_s, windows, run)):
                 phase = "measure" if windows == 1 else f"measure {i + 1}/{windows}"
                 land.window = window
                 on_window_start(i)

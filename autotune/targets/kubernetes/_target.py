@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.mesh import MeshConfig, destination_rule
-from autotune.spec import KubernetesTargetSpec, PrometheusSpec, ServiceRef, SidecarResources
+from autotune.spec import KubernetesTargetSpec, PrometheusSpec, ServiceRef, SidecarResources, Timing
 from autotune.targets._base import Observed, ProxyUsage, StateStore, Target
 from autotune.targets.kubernetes._client import DR_GROUP, DR_PLURAL, ApiCallFailed, KubeApi, make_api_client
 from autotune.targets.kubernetes._desired import (
@@ -85,8 +85,9 @@ class KubernetesTarget(Target):
     name = "kubernetes"
 
     def __init__(self, spec: KubernetesTargetSpec, service: ServiceRef, sidecar: SidecarResources, *,
-                 api_client: Any = None, metrics: MetricsReader | None = None) -> None:
+                 api_client: Any = None, metrics: MetricsReader | None = None, timing: Timing | None = None) -> None:
         self.spec, self.service, self.sidecar = spec, service, sidecar
+        self.timing = timing or Timing()
         self._api_client, self._metrics = api_client, metrics
         self._api: KubeApi | None = None
         self._store: StateStore | None = None
@@ -279,8 +280,8 @@ class KubernetesTarget(Target):
 
     def wait_ready(self, timeout_s: float) -> None:
         """After a pod-template change, wait for the rollout like ``kubectl rollout status`` for
-        at most ``min(timeout_s, spec.rolloutTimeout)``; after a DestinationRule-only change,
-        sleep ``spec.settle`` for the xDS push (a fixed wait, not cut short by ``timeout_s``).
+        at most ``min(timeout_s, timing.rollout_timeout)``; after a DestinationRule-only change,
+        sleep ``timing.xds_push`` for the xDS push (a fixed wait, not cut short by ``timeout_s``).
 
         Raises ``TrialFailed(FailReason.ROLLOUT_FAILED, condition message)`` at once on ``ReplicaFailure``
         or ``ProgressDeadlineExceeded``, ``TrialFailed(FailReason.NOT_READY, …)`` on timeout.
@@ -290,9 +291,9 @@ class KubernetesTarget(Target):
         api = self._require_started()
         with self._trial_errors():
             if self._rollout_generation is not None:
-                self._wait_rollout(api, self._rollout_generation, min(timeout_s, self.spec.rollout_timeout))
+                self._wait_rollout(api, self._rollout_generation, min(timeout_s, self.timing.rollout_timeout))
             elif self._dr_changed:
-                time.sleep(self.spec.settle)
+                time.sleep(self.timing.xds_push)
             self._dr_changed = False
             if self._pod_hash is None:
                 self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
@@ -386,7 +387,7 @@ class KubernetesTarget(Target):
         self._retry_conflict(lambda: self._restore_dr(api, snap))
         self._retry_conflict(lambda: self._restore_annotations(api, snap))
         if self._rollout_generation is not None:
-            self._wait_rollout(api, self._rollout_generation, self.spec.rollout_timeout)
+            self._wait_rollout(api, self._rollout_generation, self.timing.rollout_timeout)
         self._dr_changed = False
 
     def _restore_dr(self, api: KubeApi, snap: Snapshot) -> None:

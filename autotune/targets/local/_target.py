@@ -21,7 +21,7 @@ import psutil
 
 from autotune.errors import FailReason, TargetError, TrialFailed, UnsupportedParameter
 from autotune.mesh import HPO_KEY, ISTIO_UNSET_LIMIT, MeshConfig, cluster_name, envoy_cluster
-from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef
+from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef, Timing
 from autotune.targets._base import Observed, ProxyUsage, Target
 from autotune.targets.local._cgroup import (
     NAME_PREFIX,
@@ -47,8 +47,9 @@ class LocalTarget(Target):
 
     name = "local"
 
-    def __init__(self, spec: LocalTargetSpec, service: ServiceRef) -> None:
+    def __init__(self, spec: LocalTargetSpec, service: ServiceRef, *, timing: Timing | None = None) -> None:
         self.spec = spec
+        self.timing = timing or Timing()
         self.service = service
         self.baseline = MeshConfig()
         #: PIDs of every process this target started (Envoy runs and upstream endpoints).
@@ -98,7 +99,7 @@ class LocalTarget(Target):
                         self.started_pids.append(proc.pid)
             self._started = True
             self.apply(self.baseline)
-            self.wait_ready(self.spec.ready_timeout)
+            self.wait_ready(self.timing.proxy_start_timeout)
         except TrialFailed as exc:
             self._close_quietly()
             raise TargetError(f"the baseline proxy (Istio defaults) did not start: {exc}") from exc
@@ -153,7 +154,7 @@ class LocalTarget(Target):
             envoy = EnvoyProcess(self._binary, self._tmp / f"envoy-{self._runs}", concurrency)
             self._envoy = envoy
             try:
-                envoy.start(render_bootstrap(cluster, port), self._cgroup, self.spec.ready_timeout)
+                envoy.start(render_bootstrap(cluster, port), self._cgroup, self.timing.proxy_start_timeout)
             except TrialFailed as exc:
                 self._envoy = None
                 if attempt == 0 and port and "ddress already in use" in str(exc):
@@ -295,7 +296,7 @@ class LocalTarget(Target):
             return
         try:
             self.apply(self.baseline)
-            self.wait_ready(self.spec.ready_timeout)
+            self.wait_ready(self.timing.proxy_start_timeout)
         except TrialFailed as exc:
             raise TargetError(f"could not restore the baseline proxy (Istio defaults): {exc}") from exc
 
