@@ -47,6 +47,7 @@ def tuned_config(study_name: str, storage: str) -> tuple[MeshConfig, str]:
 def direct(spec: StudySpec, upstream_url: str) -> dict[str, float]:
     """The spec's load straight to the upstream, with the same windows (no proxy, no CPU)."""
     results = run_load_windows(upstream_url, spec.load, spec.locustfile_path(),
+                               warmup_s=spec.timing.warmup, window_s=spec.timing.window,
                                windows=spec.measurement.repeats,
                                on_window_start=lambda _i: None, on_window_end=lambda _i: None)
     metrics, _ = aggregate([{k: getattr(r, k) for k in PCTS} for r in results])
@@ -102,7 +103,7 @@ def main() -> None:
     write_section("Distance to the floor", f"""
 Tuned config: {label}. Upstream service time {spec.target.upstream.service_time_ms:g} ms; load
 {spec.load.users} users × {spec.load.per_user_rate:g} rps; medians over {args.rounds} interleaved rounds,
-each the median of {spec.measurement.repeats} windows of {spec.load.duration:g} s.
+each the median of {spec.measurement.repeats} windows of {spec.timing.window:g} s.
 
 {table}
 """)

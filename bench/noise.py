@@ -64,8 +64,8 @@ def main() -> None:
     print(table)
     load = spec.load
     write_section("Measurement noise", f"""
-Load: {load.users} users × {load.per_user_rate:g} rps, warm-up {load.warmup:g} s, windows of
-{load.duration:g} s. *before*: one window per measurement; *after*: median of
+Load: {load.users} users × {load.per_user_rate:g} rps, warm-up {spec.timing.warmup:g} s, windows of
+{spec.timing.window:g} s. *before*: one window per measurement; *after*: median of
 {spec.measurement.repeats}–{spec.measurement.max_repeats} windows (more while p95's CV >
 {spec.measurement.target_cv:.0%}). CV over {args.repeats} repeats, interleaved.
 

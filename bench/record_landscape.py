@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="measure at most this many new configs")
     args = parser.parse_args()
 
-    spec = load_spec(args.spec).with_overrides(**{"load.warmup": args.warmup, "load.duration": args.duration})
+    spec = load_spec(args.spec).with_overrides(**{"timing.warmup": args.warmup, "timing.window": args.duration})
     if not isinstance(spec.target, LocalTargetSpec):
         raise SystemExit(f"{args.spec}: this benchmark runs on the local target only")
     grid = grid_configs(args.order_seed)
@@ -127,7 +127,7 @@ def main() -> None:
         print(f"{args.out}: all {total} configs recorded; nothing to do")
         return
     print(f"{len(todo)} of {total} configs to measure, {spec.load.offered_rps:.0f} rps, warm-up "
-          f"{spec.load.warmup:g}s + {args.repeats} x {spec.load.duration:g}s each -> {args.out}")
+          f"{spec.timing.warmup:g}s + {args.repeats} x {spec.timing.window:g}s each -> {args.out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     new_file = not args.out.exists()
     started = time.monotonic()

@@ -49,7 +49,7 @@ def main() -> None:
                 s = spec.with_overrides(**{
                     "study.name": f"live-{name}-{seed}", "study.storage": f"sqlite:///{tmp}/live.db",
                     "study.sampler": name, "study.seed": seed, "study.trials": args.trials,
-                    "study.results_dir": str(Path(tmp) / "out"), "load.warmup": 2, "load.duration": 4,
+                    "study.results_dir": str(Path(tmp) / "out"), "timing.warmup": 2, "timing.window": 4,
                     "measurement.repeats": 1, "measurement.max_repeats": 1, "measurement.drift_every": 0,
                     "measurement.confirm_rounds": 0})
                 runs.setdefault(name, []).append(points(run_study(s)))

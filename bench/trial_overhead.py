@@ -75,7 +75,7 @@ def live(samplers: list[str], trials: int) -> str:
             s = spec.with_overrides(**{
                 "study.name": f"overhead-{sampler}", "study.storage": f"sqlite:///{tmp}/o.db",
                 "study.sampler": sampler, "study.trials": trials, "study.results_dir": str(Path(tmp) / "out"),
-                "load.warmup": 2, "load.duration": 4, "measurement.repeats": 1, "measurement.max_repeats": 1,
+                "timing.warmup": 2, "timing.window": 4, "measurement.repeats": 1, "measurement.max_repeats": 1,
                 "measurement.drift_every": 0, "measurement.confirm_rounds": 0})
             watch = Stopwatch()
             run_study(s, watch)

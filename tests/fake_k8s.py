@@ -775,7 +775,7 @@ class KubeEnv:
         data: dict[str, Any] = {
             "kind": "kubernetes", "kubeconfig": str(self.kubeconfig), "context": "fake",
             "namespace": self.NAMESPACE, "deployment": self.DEPLOYMENT, "destinationRule": self.DR,
-            "host": self.HOST, "serviceUrl": self.backend_url, "settle": 0, "rolloutTimeout": 10, "pollInterval": 0.05,
+            "host": self.HOST, "serviceUrl": self.backend_url, "pollInterval": 0.05,
             "requestTimeout": 5,
             "prometheus": {"url": self.prometheus_url, "scrapeInterval": self.scrape_interval_s, "timeout": 5},
         }

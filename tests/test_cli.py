@@ -120,7 +120,7 @@ def test_ctrl_c_restores_and_the_same_command_resumes(tmp_path: Path) -> None:
     running (the leak check), the study resumable by running the same command again."""
     import signal
 
-    spec = write_spec(tmp_path, **{"study.trials": 2, "load.duration": 4})
+    spec = write_spec(tmp_path, **{"study.trials": 2, "timing.window": 4})
     cmd = [sys.executable, "-m", "autotune", "study", "start", str(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     assert proc.stdout is not None

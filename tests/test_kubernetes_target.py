@@ -61,8 +61,10 @@ def fake(env: KubeEnv) -> FakeCluster:
     return env.cluster
 
 
-def _target(env: KubeEnv, tmp_path: Path, store: DictStore | None = None, **overrides: Any) -> KubernetesTarget:
-    tgt = make_target(small_spec(tmp_path, target=env.target_data(**overrides)))
+def _target(env: KubeEnv, tmp_path: Path, store: DictStore | None = None, rollout_timeout: float = 10,
+            **overrides: Any) -> KubernetesTarget:
+    tgt = make_target(small_spec(tmp_path, target=env.target_data(**overrides),
+                                 **{"timing.rolloutTimeout": rollout_timeout}))
     assert isinstance(tgt, KubernetesTarget)
     if store is not None:
         tgt.bind_state(store)
@@ -191,7 +193,7 @@ def test_a_failing_rollout_fails_the_trial_at_once_with_its_message(
 
 def test_a_hanging_rollout_times_out_as_not_ready(env: KubeEnv, tmp_path: Path) -> None:
     env.cluster.rollout_mode = "hang"
-    tgt = _target(env, tmp_path, rolloutTimeout=0.5)
+    tgt = _target(env, tmp_path, rollout_timeout=0.5)
     tgt.start()
     tgt.apply(MeshConfig(cpu_limit=0.3))
     with pytest.raises(TrialFailed) as exc:
@@ -365,7 +367,7 @@ def test_the_next_start_restores_what_a_crashed_run_left(env: KubeEnv, tmp_path:
 def test_without_a_store_the_snapshot_is_kept_in_memory(env: KubeEnv, tmp_path: Path) -> None:
     fake = env.cluster
     before = _baseline_state(fake)
-    spec = small_spec(tmp_path, target=env.target_data(), **{"load.duration": 1.5, "load.warmup": 0.5})
+    spec = small_spec(tmp_path, target=env.target_data(), **{"timing.window": 1.5, "timing.warmup": 0.5})
     measurement = run_single(spec, MeshConfig(max_connections=4, cpu_limit=0.5))
     assert measurement.metrics["cpu_cores"] == pytest.approx(2 * fake.proxy_cpu_cores, rel=0.4)
     assert _baseline_state(fake) == before
@@ -379,7 +381,7 @@ def test_a_study_on_the_fake_cluster_measures_cpu_from_prometheus_and_restores(
     fake = env.cluster
     before = _baseline_state(fake)
     spec = small_spec(tmp_path, target=env.target_data(), **{
-        "study.trials": 3, "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
+        "study.trials": 3, "load.users": 4, "load.ratePerUser": 10, "timing.warmup": 0.5, "timing.window": 2})
     study = run_study(spec)
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
@@ -418,7 +420,7 @@ def test_ctrl_c_restores_the_cluster_and_the_study_resumes(env: KubeEnv, tmp_pat
     fake = env.cluster
     before = _baseline_state(fake)
     spec = small_spec(tmp_path, target=env.target_data(), **{
-        "study.trials": 2, "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
+        "study.trials": 2, "load.users": 4, "load.ratePerUser": 10, "timing.warmup": 0.5, "timing.window": 2})
     with pytest.raises(KeyboardInterrupt):
         run_study(spec, _CtrlCInTrial(2))  # type: ignore[arg-type]
     assert _baseline_state(fake) == before
@@ -438,7 +440,8 @@ def test_the_shipped_example_spec_runs_through_the_cli(env: KubeEnv, tmp_path: P
     prometheus = env.target_data()["prometheus"]
     data["target"] = {**data["target"], **env.target_data(), "prometheus": prometheus}
     data["study"].update(storage=f"sqlite:///{tmp_path}/s.db", trials=2, resultsDir=str(tmp_path / "out"))
-    data["load"].update(users=4, ratePerUser=10, warmup=0.5, duration=2)
+    data["load"].update(users=4, ratePerUser=10)
+    data["timing"].update(warmup=0.5, window=2, xdsPush=0, rolloutTimeout=10)
     spec = tmp_path / "k8s.yaml"
     spec.write_text(yaml.safe_dump(data))
     before = _baseline_state(env.cluster)
@@ -455,7 +458,7 @@ def test_server_side_latency_comes_from_istio_histograms_when_asked(env: KubeEnv
     assert SERVER_LATENCY_BUCKETS[3] == ("25", 1.0)  # p95 halfway into (10, 25]: 17.5 ms
     prometheus = {**env.target_data()["prometheus"], "serverLatency": True}
     spec = small_spec(tmp_path, target=env.target_data(prometheus=prometheus), **{
-        "load.users": 4, "load.ratePerUser": 10, "load.warmup": 0.5, "load.duration": 2})
+        "load.users": 4, "load.ratePerUser": 10, "timing.warmup": 0.5, "timing.window": 2})
     measured = run_single(spec, MeshConfig(concurrency=1))
     assert measured.metrics["server_latency_p95_ms"] == pytest.approx(17.5, rel=0.02)
     assert measured.metrics["server_latency_p99_ms"] == pytest.approx(23.5, rel=0.02)

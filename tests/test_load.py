@@ -77,8 +77,11 @@ def server() -> Iterator[_Server]:
         thread.join(5)
 
 
-def _run(url: str, load: LoadSpec, locustfile: Path = BUILTIN, **kw: Any) -> LoadResult:
-    """One window through the Locust driver."""
+def _run(url: str, load: LoadSpec, locustfile: Path = BUILTIN, *, warmup: float = 0.5, window: float = 1.5,
+         **kw: Any) -> LoadResult:
+    """One window through the Locust driver (``warmup``/``window`` in seconds)."""
+    kw.setdefault("warmup_s", warmup)
+    kw.setdefault("window_s", window)
     kw.setdefault("on_window_start", lambda _i: None)
     kw.setdefault("on_window_end", lambda _i: None)
     (result,) = LocustDriver(locustfile).run(url, load, windows=1, **kw)
@@ -142,12 +145,12 @@ def test_paced_load_measures_the_window_only(
         return real(records, *a, **kw)
 
     monkeypatch.setattr(_runner, "_summarise", spy)
-    load = LoadSpec(users=5, rate_per_user=20, warmup=1, duration=3, path="/ok")
+    load = LoadSpec(users=5, rate_per_user=20, path="/ok")
     events: list[tuple[str, float]] = []
     progress: list[tuple[str, float, float]] = []
     t0 = time.monotonic()
     r = _run(
-        server.url, load,
+        server.url, load, warmup=1, window=3,
         on_window_start=lambda i: events.append((f"start {i}", time.monotonic())),
         on_window_end=lambda i: events.append((f"end {i}", time.monotonic())),
         progress=lambda phase, f: progress.append((phase, f, time.monotonic())),
@@ -186,10 +189,10 @@ def test_paced_load_measures_the_window_only(
 
 @pytest.mark.slow
 def test_back_to_back_windows_each_measure_their_own_span(server: _Server) -> None:
-    load = LoadSpec(users=2, rate_per_user=20, warmup=0.5, duration=1.5, path="/ok")
+    load = LoadSpec(users=2, rate_per_user=20, path="/ok")
     events: list[tuple[str, float]] = []
     results = LocustDriver().run(
-        server.url, load, windows=2,
+        server.url, load, warmup_s=0.5, window_s=1.5, windows=2,
         on_window_start=lambda i: events.append((f"start {i}", time.time())),
         on_window_end=lambda i: events.append((f"end {i}", time.time())),
     )
@@ -204,8 +207,8 @@ def test_back_to_back_windows_each_measure_their_own_span(server: _Server) -> No
 
 @pytest.mark.slow
 def test_503s_count_as_failures(server: _Server) -> None:
-    load = LoadSpec(users=2, rate_per_user=20, warmup=0.5, duration=2, path="/flaky")
-    r = _run(server.url, load)
+    load = LoadSpec(users=2, rate_per_user=20, path="/flaky")
+    r = _run(server.url, load, window=2)
     assert r.status_counts.get("503", 0) > 0
     assert r.failures == r.status_counts["503"]
     assert r.requests == r.status_counts["503"] + r.status_counts["200"]
@@ -223,9 +226,9 @@ def test_keyboard_interrupt_leaves_no_locust_behind(server: _Server) -> None:
         seen["workdir"] = Path(kids[0].environ()["AUTOTUNE_MARKER"]).parent
         raise KeyboardInterrupt
 
-    load = LoadSpec(users=2, rate_per_user=10, warmup=0.5, duration=5, path="/ok")
+    load = LoadSpec(users=2, rate_per_user=10, path="/ok")
     with pytest.raises(KeyboardInterrupt):
-        _run(server.url, load, on_window_start=interrupt)
+        _run(server.url, load, window=5, on_window_start=interrupt)
     assert seen["pids"]
     for pid in seen["pids"]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -238,7 +241,7 @@ def test_unreachable_target_gives_error_rate_one() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    load = LoadSpec(users=2, rate_per_user=10, warmup=0.5, duration=1.5)
+    load = LoadSpec(users=2, rate_per_user=10)
     r = _run(f"http://127.0.0.1:{port}", load)
     assert r.requests > 0
     assert r.error_rate == 1.0
@@ -258,7 +261,7 @@ def test_custom_locustfile_importing_the_recorder(server: _Server, tmp_path: Pat
         "    def t(self):\n"
         "        self.client.get('/custom')\n"
     )
-    load = LoadSpec(users=1, rate_per_user=20, warmup=0.5, duration=1.5)
+    load = LoadSpec(users=1, rate_per_user=20)
     r = _run(server.url, load, custom)
     # Only the custom user ran (a star import would have added PacedUser's load too).
     assert r.achieved_rps == pytest.approx(20, rel=0.25)
@@ -280,7 +283,7 @@ def test_locustfile_that_does_not_record_fails_the_trial(
         "        self.client.get('/')\n"
     )
     with pytest.raises(TrialFailed, match=r"import autotune\.load\.locustfile") as info:
-        _run(server.url, LoadSpec(users=1, warmup=0, duration=1), custom)
+        _run(server.url, LoadSpec(users=1), custom, warmup=0, window=1)
     assert info.value.reason == "load"
     assert not _locust_children()
 
@@ -290,7 +293,7 @@ def test_broken_locustfile_fails_with_stderr_tail(server: _Server, tmp_path: Pat
     custom = tmp_path / "broken.py"
     custom.write_text("raise RuntimeError('boom in locustfile')\n")
     with pytest.raises(TrialFailed, match="boom in locustfile") as info:
-        _run(server.url, LoadSpec(users=1, warmup=0, duration=1), custom)
+        _run(server.url, LoadSpec(users=1), custom, warmup=0, window=1)
     assert info.value.reason == "load"
 
 

@@ -40,8 +40,7 @@ needs_cgroup = pytest.mark.skipif(not SUPPORT.available,
 pytestmark = [needs_envoy, needs_cgroup]
 
 SERVICE = ServiceRef(name="backend", namespace="demo", port=8080)
-SPEC = LocalTargetSpec(upstream=UpstreamSpec(endpoints=2, service_time_ms=0, response_bytes=128),
-                       ready_timeout=30)
+SPEC = LocalTargetSpec(upstream=UpstreamSpec(endpoints=2, service_time_ms=0, response_bytes=128))
 
 
 @pytest.fixture

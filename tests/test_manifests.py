@@ -114,7 +114,7 @@ def test_configmap_holds_a_valid_kubernetes_spec() -> None:
     assert target.in_cluster and target.namespace == NAMESPACE
     assert spec.study.storage == "env:AUTOTUNE_STORAGE"
     # rate() over the window needs several scrapes (see autotune/metrics/_prometheus.py).
-    assert spec.load.duration >= 4 * target.prometheus.scrape_interval
+    assert spec.timing.window >= 4 * target.prometheus.scrape_interval
 
 
 def test_spec_matches_the_manifests() -> None:

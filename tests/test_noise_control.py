@@ -30,7 +30,7 @@ def _recorded(study: optuna.Study, config: MeshConfig, p95: float, baseline: boo
 def test_confirmation_keeps_real_gains_and_drops_lucky_ones(tmp_path: Path) -> None:
     spec = small_spec(tmp_path, **{"objectives": ["latency_p95_ms", "cpu_reserved_cores"],
                                    "measurement.confirmRounds": 3, "measurement.confidence": 0.99,
-                                   "load.duration": 1.5})
+                                   "timing.window": 1.5})
     study = open_study(spec)
     _recorded(study, MeshConfig(), p95=5.0, baseline=True)
     # Looked 60 % faster in its one window, but maxRetries changes nothing on this path: luck.

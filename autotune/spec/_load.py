@@ -70,6 +70,9 @@ def read_text_file(path: Path, what: str = "spec") -> str:
     for magic, problem in _SIGNATURES:
         if data.startswith(magic):
             raise SpecError(str(path), [f"not UTF-8 text: the file {problem}"])
+    if b"\x00" in data:
+        raise SpecError(str(path), ["not UTF-8 text: the file holds NUL bytes (UTF-16 without a byte-order "
+                                    "mark, or a binary file); save it as UTF-8"])
     text = _decode(path, data.removeprefix(_UTF8_BOM))
     _refuse_controls(path, text)
     return text
@@ -85,9 +88,6 @@ def _decode(path: Path, data: bytes) -> str:
         guess = ""
         if byte >= 0xA0:
             guess = f" (in Latin-1 that byte is {bytes([byte]).decode('latin-1')!r})"
-        if b"\x00" in data[:64]:
-            raise SpecError(str(path), ["not UTF-8 text: the file holds NUL bytes (UTF-16 without a "
-                                        "byte-order mark, or a binary file); save it as UTF-8"]) from None
         raise SpecError(str(path), [f"not UTF-8 text: byte 0x{byte:02x} at line {line}, column {column}"
                                     f"{guess}; save the file as UTF-8"]) from None
 
@@ -103,10 +103,13 @@ def _refuse_controls(path: Path, text: str) -> None:
                                 f"({name}) in the text; remove it"])
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(text: str, exc: yaml.YAMLError) -> str:
     """Where and what: for an unclosed quote or bracket, the line where it *opens*."""
     if not isinstance(exc, yaml.MarkedYAMLError):
         return f"YAML: {exc}"
+    runaway = _runaway_quote(text, exc.problem_mark)
+    if runaway is not None:
+        return runaway
     problem, context = exc.problem or "invalid YAML", exc.context
     at, ctx = exc.problem_mark, exc.context_mark
     if ctx is not None and context and at is not None and (ctx.line, ctx.column) != (at.line, at.column):
@@ -119,6 +122,23 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"YAML syntax at {where}: {problem}"
 
 
+def _runaway_quote(text: str, error_at: yaml.Mark | None) -> str | None:
+    """A quoted string that spans lines before a syntax error is almost always an unclosed quote
+    that ran on to the next quote character: name the line where it opens."""
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if error_at is not None and token.start_mark.line > error_at.line:
+                break
+            if isinstance(token, yaml.ScalarToken) and token.style in ("'", '"') \
+                    and token.end_mark.line > token.start_mark.line:
+                start, end = token.start_mark, token.end_mark
+                return (f"YAML syntax at line {start.line + 1}, column {start.column + 1}: this quote is never "
+                        f"closed on its line (the string runs on to line {end.line + 1})")
+    except yaml.YAMLError:
+        pass
+    return None
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a spec file. Raises ``SpecError`` naming the file, field path and rule.
 
@@ -129,5 +149,5 @@ def load_spec(path: str | Path) -> StudySpec:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise SpecError(str(p), [_yaml_problem(exc)]) from None
+        raise SpecError(str(p), [_yaml_problem(text, exc)]) from None
     return parse_spec(data, str(p))

@@ -375,9 +375,11 @@ class StudySpec(_Model):
         cpu = next((p for p in self._space if p.name == "proxy.cpuLimit"), None)
         if cpu is None or self.sidecar.cpu_request_cores <= cpu.low:
             return []
+        given = "" if "cpu_request" in self.sidecar.model_fields_set else " (the default)"
         return [("sidecar.cpuRequest", f"must be <= the lowest proxy.cpuLimit searched "
                  f"(parameters[\"proxy.cpuLimit\"].low = {format_cpu(cpu.low)}): Kubernetes refuses a "
-                 f"request above its limit; got {self.sidecar.cpu_request}")]
+                 f"request above its limit; got {self.sidecar.cpu_request}{given}. Lower sidecar.cpuRequest "
+                 f"or raise the low end of the range")]
 
     def _window_rule(self) -> list[tuple[str, str]]:
         if not isinstance(self.target, KubernetesTargetSpec):
