@@ -243,7 +243,7 @@ def test_preflight_says_what_to_fix(env: KubeEnv, tmp_path: Path, breakage: str,
 
 
 def test_an_unreachable_prometheus_is_a_preflight_error(env: KubeEnv, tmp_path: Path) -> None:
-    tgt = _target(env, tmp_path, prometheus={"url": "http://127.0.0.1:9", "timeout": 2})
+    tgt = _target(env, tmp_path, prometheus={"url": "http://127.0.0.1:9", "timeout": 2, "scrapeInterval": 0.25})
     with pytest.raises(TargetError, match=r"127\.0\.0\.1:9"):
         tgt.start()
 

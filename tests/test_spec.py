@@ -529,7 +529,7 @@ def test_rejecting_a_spec_imports_nothing_heavy_and_starts_nothing(tmp_path: Pat
 def test_parse_spec_and_with_overrides_keep_the_rules(tmp_path: Path) -> None:
     spec = small_spec(tmp_path)
     assert spec.with_overrides(**{"timing.window": 3}).timing.window == 3.0
-    with pytest.raises(SpecError, match="timing.window: must be greater than 0"):
+    with pytest.raises(SpecError, match=r"timing\.window: must be greater than 0"):
         spec.with_overrides(**{"timing.window": 0})
     with pytest.raises(SpecError, match=r"\(top level\): a study spec is a mapping"):
         parse_spec([1, 2])
