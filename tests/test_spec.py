@@ -418,6 +418,8 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         (_set("sidecar/cpuRequest", "200m"),
          'sidecar.cpuRequest: must be <= the lowest proxy.cpuLimit searched (parameters["proxy.cpuLimit"].low = '
          "100m): Kubernetes refuses a request above its limit; got 200m"),
+        (lambda d: d.update(sidecar={"cpuRequest": "3"}, parameters={"proxy.concurrency": {"low": 1, "high": 2}}),
+         "sidecar.cpuRequest: must be <= Istio's default CPU limit 2 (proxy.cpuLimit is not searched)"),
         (_set("sidecar", {"memoryRequest": "2Gi", "memoryLimit": "1Gi"}),
          "sidecar: memoryRequest <= memoryLimit must hold (Kubernetes refuses a request above its limit)"),
         (_set("parameters/proxy.concurrency", {"low": 1, "high": 4, "step": 8}),
@@ -438,7 +440,8 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
          "timing.window: must span at least 4 Prometheus scrape intervals "
          "(target.prometheus.scrapeInterval = 15s), i.e. >= 1min; got 30s"),
     ],
-    ids=["cpu-request>limit", "memory-request>limit", "step>range", "step-int-multiple", "step-cpu-multiple",
+    ids=["cpu-request>limit", "cpu-request>default-limit", "memory-request>limit",
+         "step>range", "step-int-multiple", "step-cpu-multiple",
          "objective-twice", "two-token-sources", "token-env-dollar", "window<4-scrapes"],
 )
 def test_cross_field_rules(tmp_path: Path, edit: Callable[[dict[str, Any]], None], expected: str) -> None:

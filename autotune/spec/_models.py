@@ -24,7 +24,15 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from autotune.errors import SpecError
-from autotune.mesh import PARAMETERS, ParamInfo, ServiceRef, SidecarResources, format_cpu, parse_cpu
+from autotune.mesh import (
+    DEFAULT_CPU_LIMIT,
+    PARAMETERS,
+    ParamInfo,
+    ServiceRef,
+    SidecarResources,
+    format_cpu,
+    parse_cpu,
+)
 from autotune.spec._duration import duration, format_duration
 from autotune.spec._storage_url import check_storage_url
 
@@ -373,13 +381,16 @@ class StudySpec(_Model):
 
     def _cpu_request_rule(self) -> list[tuple[str, str]]:
         cpu = next((p for p in self._space if p.name == "proxy.cpuLimit"), None)
-        if cpu is None or self.sidecar.cpu_request_cores <= cpu.low:
+        lowest = cpu.low if cpu is not None else DEFAULT_CPU_LIMIT
+        if self.sidecar.cpu_request_cores <= lowest:
             return []
         given = "" if "cpu_request" in self.sidecar.model_fields_set else " (the default)"
-        return [("sidecar.cpuRequest", f"must be <= the lowest proxy.cpuLimit searched "
-                 f"(parameters[\"proxy.cpuLimit\"].low = {format_cpu(cpu.low)}): Kubernetes refuses a "
-                 f"request above its limit; got {self.sidecar.cpu_request}{given}. Lower sidecar.cpuRequest "
-                 f"or raise the low end of the range")]
+        where = (f'the lowest proxy.cpuLimit searched (parameters["proxy.cpuLimit"].low = {format_cpu(lowest)})'
+                 if cpu is not None
+                 else f"Istio's default CPU limit {format_cpu(lowest)} (proxy.cpuLimit is not searched)")
+        return [("sidecar.cpuRequest", f"must be <= {where}: Kubernetes refuses a request above its limit; "
+                 f"got {self.sidecar.cpu_request}{given}. Lower sidecar.cpuRequest"
+                 + (" or raise the low end of the range" if cpu is not None else ""))]
 
     def _window_rule(self) -> list[tuple[str, str]]:
         if not isinstance(self.target, KubernetesTargetSpec):
