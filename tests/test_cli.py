@@ -16,7 +16,6 @@ import pytest
 from click.testing import CliRunner
 
 from _specs import write_spec
-from autotune.cli import _main as cli_main
 from autotune.cli import main
 from autotune.spec import StudySpec
 from autotune.study import Observer, run_study
@@ -53,7 +52,7 @@ def _replayed(monkeypatch: pytest.MonkeyPatch) -> None:
     def replayed(spec: StudySpec, observer: Observer | None = None) -> optuna.Study:
         return run_study(spec, observer, ReplayTarget(land), load=ReplayDriver(land))
 
-    monkeypatch.setattr(cli_main, "run_study", replayed)
+    monkeypatch.setattr("autotune.study.run_study", replayed)  # the CLI imports it lazily
 
 
 def test_study_start_then_list_pareto_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
