@@ -38,14 +38,14 @@ def model(config: MeshConfig) -> Point:
 
 def install(setattr_: Any) -> None:
     """Make ``autotune study start`` run on the replayed model (``setattr_``: monkeypatch.setattr)."""
-    import autotune.cli._main as cli_main
+    import autotune.study as study_api  # the CLI imports run_study from there when a spec has passed
 
     land = Landscape.synthetic(model, seed=3)
 
     def replayed(spec: StudySpec, observer: Observer | None = None) -> optuna.Study:
         return run_study(spec, observer, ReplayTarget(land), load=ReplayDriver(land))
 
-    setattr_(cli_main, "run_study", replayed)
+    setattr_(study_api, "run_study", replayed)
 
 
 def scripted_spec_data(tmp_path: Path, name: str = "scripted", trials: int = 14) -> dict[str, Any]:
@@ -54,13 +54,15 @@ def scripted_spec_data(tmp_path: Path, name: str = "scripted", trials: int = 14)
         "study": {"name": name, "storage": f"sqlite:///{tmp_path}/s.db", "trials": trials, "seed": 3,
                   "sampler": "random", "resultsDir": str(tmp_path / "out")},
         "service": {"name": "backend", "namespace": "staging", "port": 8080},
+        "sidecar": {"cpuRequest": "20m"},  # <= the lowest CPU limit searched
         "parameters": {
             "connectionPool.tcp.maxConnections": {"low": 1, "high": 1024, "log": True},
             "connectionPool.http.http1MaxPendingRequests": {"low": 1, "high": 1024, "log": True},
             "proxy.cpuLimit": {"low": "20m", "high": "2000m", "log": True},
         },
         "objectives": ["latency_p95_ms", "cpu_reserved_cores"],
-        "load": {"users": 20, "ratePerUser": 15, "warmup": 1, "duration": 1},
+        "load": {"users": 20, "ratePerUser": 15},
+        "timing": {"warmup": 1, "window": 1},
         "measurement": {"repeats": 3, "maxRepeats": 3, "driftEvery": 5, "confirmRounds": 2,
                         "confirmMaxConfigs": 2},
         "target": {"kind": "local"},
