@@ -470,7 +470,7 @@ def test_server_side_latency_comes_from_istio_histograms_when_asked(env: KubeEnv
 
 def test_wait_ready_is_bounded_by_its_timeout_as_well_as_the_rollout_timeout(env: KubeEnv, tmp_path: Path) -> None:
     env.cluster.rollout_mode = "hang"
-    tgt = _target(env, tmp_path, rolloutTimeout=30)
+    tgt = _target(env, tmp_path, rollout_timeout=30)
     tgt.start()
     tgt.apply(MeshConfig(cpu_limit=0.3))
     t0 = time.monotonic()
