@@ -62,9 +62,9 @@ def fake(env: KubeEnv) -> FakeCluster:
 
 
 def _target(env: KubeEnv, tmp_path: Path, store: DictStore | None = None, rollout_timeout: float = 10,
-            **overrides: Any) -> KubernetesTarget:
+            window: float = 2, **overrides: Any) -> KubernetesTarget:
     tgt = make_target(small_spec(tmp_path, target=env.target_data(**overrides),
-                                 **{"timing.rolloutTimeout": rollout_timeout}))
+                                 **{"timing.rolloutTimeout": rollout_timeout, "timing.window": window}))
     assert isinstance(tgt, KubernetesTarget)
     if store is not None:
         tgt.bind_state(store)
@@ -504,7 +504,7 @@ def test_a_window_includes_cpu_used_after_the_last_scrape_before_its_end(tmp_pat
         env.seed()
         fake = env.cluster
         fake.proxy_cpu_cores = 0.01
-        tgt = _target(env, tmp_path)
+        tgt = _target(env, tmp_path, window=window)  # a window must span 4 scrape intervals
         tgt.start()
         try:
             (last,) = query(env.prometheus_url, "timestamp(up)")
