@@ -15,7 +15,8 @@ from typing import Any
 
 import optuna
 
-from autotune.cli import _main as cli_main
+import autotune.study as study_api  # the CLI imports run_study from there once the spec has passed
+from autotune.cli import main
 from autotune.mesh import MeshConfig
 from autotune.spec import LoadSpec, StudySpec
 from autotune.study import Observer, run_study
@@ -44,5 +45,5 @@ def replayed(spec: StudySpec, observer: Observer | None = None) -> optuna.Study:
 
 
 if __name__ == "__main__":
-    cli_main.run_study = replayed  # type: ignore[assignment]
-    cli_main.main(["study", "start", *sys.argv[1:]], prog_name="autotune")
+    study_api.run_study = replayed  # type: ignore[assignment]
+    main(["study", "start", *sys.argv[1:]], prog_name="autotune")

@@ -257,10 +257,12 @@ def test_storage_driver_must_be_installed(tmp_path: Path, monkeypatch: pytest.Mo
 def test_sqlite_path_that_is_a_directory_or_under_a_file(tmp_path: Path) -> None:
     data = _base(tmp_path)
     data["study"]["storage"] = f"sqlite:///{tmp_path}"
-    assert "is a directory; name a database file in it" in _error(tmp_path, yaml.safe_dump(data))
+    assert f"the study storage {tmp_path} is a folder; name a database file in it" in \
+        _error(tmp_path, yaml.safe_dump(data))
     (tmp_path / "afile").write_text("x")
     data["study"]["storage"] = f"sqlite:///{tmp_path}/afile/s.db"
-    assert "afile is a file, not a directory" in _error(tmp_path, yaml.safe_dump(data))
+    assert f"cannot create the folder of the study storage {tmp_path}/afile/s.db: {tmp_path}/afile is a file" \
+        in _error(tmp_path, yaml.safe_dump(data))
 
 
 def test_storage_from_the_environment_is_checked_without_echoing_it(tmp_path: Path,

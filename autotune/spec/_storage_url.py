@@ -97,10 +97,11 @@ def _check_sqlite(rest: str) -> list[str]:
                 f"the working directory is sqlite:///{path_part}, an absolute one sqlite:////abs/path.db"]
     path = Path(path_part[1:])
     if path.is_dir():
-        return [f"{path} is a directory; name a database file in it, e.g. sqlite:///{path / 'autotune.db'}"]
+        return [f"the study storage {path} is a folder; name a database file in it, e.g. "
+                f"sqlite:///{path / 'autotune.db'}"]
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                return [f"cannot create {path}: {parent} is a file, not a directory"]
+                return [f"cannot create the folder of the study storage {path}: {parent} is a file"]
             break
     return []
