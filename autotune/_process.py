@@ -2,22 +2,58 @@
 
 Every process autotune starts (Envoy, the upstream endpoints, Locust) runs in its own session
 (``start_new_session=True``), so its process group id is its pid: :func:`terminate` can then stop
-the process and anything it forked, by that id, without touching any other process.
+the process and anything it forked, by that id, without touching any other process. On Linux each
+also gets a parent-death signal (:func:`die_with_parent`), so that none outlives autotune when it is
+killed without a chance to clean up (SIGKILL, OOM killer).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 #: What :func:`terminate` waits after SIGTERM before it sends SIGKILL.
 DEFAULT_GRACE_S = 5.0
+
+_PR_SET_PDEATHSIG = 1
+_LIBC: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    try:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:  # pragma: no cover - a Linux without a loadable libc
+        _LIBC = None
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` that makes the child receive SIGKILL when the
+    thread that started it dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``; works together with
+    ``start_new_session=True``). If the parent died between ``fork`` and the ``prctl``, the child
+    kills itself at once. ``None`` (no hook) where the call does not exist (not Linux).
+
+    The signal follows the *thread* that forked: start long-lived children from a thread that
+    lives as long as they should (the main thread, in autotune).
+    """
+    libc = _LIBC
+    if libc is None:
+        return None
+    parent = os.getpid()
+
+    def _preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return _preexec
 
 
 def terminate(proc: subprocess.Popen[bytes], grace_s: float = DEFAULT_GRACE_S, *,

@@ -40,13 +40,25 @@ class FailReason(StrEnum):
     #: An unexpected error in autotune itself ended the run during the trial (a bug; the message
     #: has the exception). Does not count against the budget.
     INTERNAL = "internal-error"
+    #: The proxy (local: Envoy) was found dead at the end of a measurement window; the window's
+    #: errors are the crash's, not the config's. ``restore()`` starts it again. Counts against
+    #: the budget: a config can make the proxy crash, and re-running it could loop.
+    PROXY_DIED = "proxy-died"
+    #: An upstream endpoint (a service "pod" of the local target) was found dead at the end of a
+    #: measurement window. ``restore()`` starts it again. Does not count against the budget (the
+    #: service failed, not the config).
+    UPSTREAM_DIED = "upstream-died"
+    #: The client sidecar did not run the applied cluster config (circuit breakers, protocol
+    #: options) within the bound (local: right after the restart; Kubernetes: ``settle``).
+    #: Counts against the budget (a config that never converges must not be re-run forever).
+    NOT_PROPAGATED = "not-propagated"
 
     @property
     def counts(self) -> bool:
         """Whether a trial that failed for this reason uses up the study's budget: a failure of
         the config does, a failure of the run (interrupted, crashed, internal error) does not."""
         return self not in (FailReason.INTERRUPTED, FailReason.CRASHED, FailReason.STORAGE,
-                            FailReason.INTERNAL)
+                            FailReason.INTERNAL, FailReason.UPSTREAM_DIED)
 
 
 class AutotuneError(Exception):

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import numpy.typing as npt
 
-from autotune._process import child_env, log_tail, terminate
+from autotune._process import child_env, die_with_parent, log_tail, terminate
 from autotune.errors import FailReason, TrialFailed
 from autotune.load._result import LoadResult
 from autotune.spec import LoadSpec
@@ -130,6 +130,7 @@ def run_load_windows(
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         spawned = time.monotonic()
         logger.debug("Locust pid %d started: %s", proc.pid, proc.args)

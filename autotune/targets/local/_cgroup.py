@@ -7,10 +7,12 @@ module creates is named ``autotune-<pid>-<random>`` so leftovers can be found an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,3 +354,17 @@ def _read_keyed(path: Path) -> dict[str, int]:
         if value.strip().lstrip("-").isdigit():
             out[key] = int(value)
     return out
+
+
+def kill_and_remove(d: Path) -> None:
+    """SIGKILL every process in the cgroup directory ``d`` (a leftover of a dead autotune run,
+    so nothing in it is anyone else's), wait for them to exit, and remove it. Never raises."""
+    for _ in range(100):
+        pids = _read_pids(d)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    _rmdir(d)

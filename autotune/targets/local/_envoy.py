@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from autotune._process import log_tail, terminate
+from autotune._process import die_with_parent, log_tail, terminate
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.targets.local._cgroup import CpuCgroup
 
@@ -121,7 +121,8 @@ class EnvoyProcess:
                "--admin-address-path", str(admin_path)]
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._stderr,
-                                         stderr=self._stderr, start_new_session=True)
+                                         stderr=self._stderr, start_new_session=True,
+                                         preexec_fn=die_with_parent())
         except OSError as exc:
             self.stop()
             raise TrialFailed(FailReason.PROXY_START, f"cannot run {self.binary}: {exc.strerror}") from exc

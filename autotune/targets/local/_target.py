@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import http.client
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from autotune.targets.local._cgroup import (
     detect,
 )
 from autotune.targets.local._envoy import EnvoyProcess, find_envoy_binary, render_bootstrap
+from autotune.targets.local._leftovers import TMP_PREFIX, Ledger, sweep
 from autotune.targets.local._upstream import UpstreamProcess
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ class LocalTarget(Target):
     """Real Envoy + real upstream processes on loopback, CPU limited by a cgroup quota.
 
     Every process it starts is recorded in ``started_pids`` and stopped by PID in ``close`` (also
-    registered with ``atexit``). Not thread-safe.
+    registered with ``atexit``); each dies with this process (parent-death signal), and what a
+    killed run leaves (cgroup, temp dir) is listed in a ledger that the next ``start`` sweeps.
+    Not thread-safe.
     """
 
     name = "local"
@@ -64,6 +68,7 @@ class LocalTarget(Target):
         self._applied: MeshConfig | None = None
         self._window_start: CpuSample | None = None
         self._runs = 0
+        self._ledger: Ledger | None = None
         self._started = False
         self._closed = False
 
@@ -81,22 +86,22 @@ class LocalTarget(Target):
         atexit.register(self.close)
         try:
             self._binary = find_envoy_binary(self.spec.envoy_binary)
+            sweep()
+            self._ledger = Ledger()
             self._support = detect()
             if self._support.available:
                 self._cgroup = CpuCgroup.create(NAME_PREFIX, self._support)
+                self._ledger.add_cgroup(self._cgroup.dirs)
             else:
                 logger.warning("no writable CPU cgroup (%s): the proxy's CPU limit is not enforced "
                                "and its CPU use is read from the process", self._support.reason)
-            self._tmp = Path(tempfile.mkdtemp(prefix="autotune-local-"))
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
+            self._ledger.add_dir(self._tmp)
             up = self.spec.upstream
             for _ in range(up.endpoints):
                 proc = UpstreamProcess(up.service_time_ms, up.response_bytes, self._tmp)
                 self._upstreams.append(proc)
-                try:
-                    proc.start()
-                finally:
-                    if proc.pid is not None:
-                        self.started_pids.append(proc.pid)
+                self._start_upstream(proc)
             self._started = True
             self.apply(self.baseline)
             self.wait_ready(self.timing.proxy_start_timeout)
@@ -163,21 +168,40 @@ class LocalTarget(Target):
                     continue
                 raise
             finally:
-                if envoy.pid is not None and envoy.pid not in self.started_pids:
-                    self.started_pids.append(envoy.pid)
+                self._record_pid(envoy.pid)
             self._listener_port = envoy.listener_port
             return
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Return once a request through the listener gets the upstream's 200.
+    def _start_upstream(self, proc: UpstreamProcess) -> None:
+        try:
+            proc.start()
+        finally:
+            self._record_pid(proc.pid)
 
-        Raises ``TrialFailed(FailReason.PROXY_START, …)`` if Envoy died, ``TrialFailed(FailReason.NOT_READY, …)``
-        after ``timeout_s``.
+    def _record_pid(self, pid: int | None) -> None:
+        if pid is not None and pid not in self.started_pids:
+            self.started_pids.append(pid)
+            if self._ledger is not None:
+                self._ledger.add_pid(pid)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once a request through the listener gets the upstream's 200 and Envoy's admin
+        shows the applied cluster config (circuit breakers, protocol options, workers).
+
+        Raises ``TrialFailed(FailReason.PROXY_START, …)`` if Envoy died,
+        ``TrialFailed(FailReason.UPSTREAM_DIED, …)`` if an upstream endpoint is not running,
+        ``TrialFailed(FailReason.NOT_READY, …)`` after ``timeout_s`` and
+        ``TrialFailed(FailReason.NOT_PROPAGATED, …)`` if Envoy runs another config than the one
+        applied (checked once it serves: a restart is synchronous, there is nothing to wait for).
         """
         self._require_started()
         envoy = self._envoy
         if envoy is None or envoy.proc is None:
             raise TrialFailed(FailReason.NOT_READY, "no proxy is running (the last apply failed)")
+        dead = [u for u in self._upstreams if not u.alive]
+        if dead:
+            raise TrialFailed(FailReason.UPSTREAM_DIED, "upstream endpoint(s) not running: " + ", ".join(
+                f"pid {u.pid} on port {u.port} (code {u.returncode})" for u in dead))
         deadline = time.monotonic() + timeout_s
         per_request = max(5.0, 2 * self.spec.upstream.service_time_ms / 1000 + 5)
         last = "no attempt"
@@ -189,6 +213,7 @@ class LocalTarget(Target):
             try:
                 status = _get_status(_HOST, self._port(), min(per_request, max(left, 0.1)))
                 if status == 200:
+                    self._check_propagated()
                     return
                 last = f"HTTP {status}"
             except OSError as exc:
@@ -216,12 +241,19 @@ class LocalTarget(Target):
         self._window_start = self._sample()
 
     def end_window(self) -> ProxyUsage:
-        """The proxy's CPU use since ``begin_window`` (cores = Δusage / Δtime), throttling."""
+        """The proxy's CPU use since ``begin_window`` (cores = Δusage / Δtime), throttling.
+
+        Raises ``TrialFailed(FailReason.PROXY_DIED, …)`` if Envoy is no longer running and
+        ``TrialFailed(FailReason.UPSTREAM_DIED, …)`` if an upstream endpoint is not: the window's
+        errors would be the crash's, not the config's. ``restore()`` starts what died again.
+        """
         self._require_started()
         if self._window_start is None:
             raise TargetError("end_window called without begin_window")
-        s0, s1 = self._window_start, self._sample()
+        s0 = self._window_start
         self._window_start = None
+        self.check_alive()
+        s1 = self._sample()
         dt = s1.time_monotonic - s0.time_monotonic
         return ProxyUsage(
             cpu_cores=(s1.usage_s - s0.usage_s) / dt if dt > 0 else 0.0,
@@ -230,6 +262,33 @@ class LocalTarget(Target):
             throttled_periods=s1.throttled_periods - s0.throttled_periods,
             throttled_s=s1.throttled_s - s0.throttled_s,
         )
+
+    def _check_propagated(self) -> None:
+        if self._applied is None:
+            return
+        want = Observed.expected(self._applied)
+        have = self.observed()
+        # Without a cgroup no CPU limit is enforced (start warned; apply refuses a cpuLimit).
+        diffs = [d for d in want.differences(have)
+                 if self._cgroup is not None or not d.startswith("proxy.cpuLimit")]
+        if diffs:
+            raise TrialFailed(FailReason.NOT_PROPAGATED, "envoy does not run the applied cluster config "
+                              "(applied != running): " + "; ".join(diffs))
+
+    def check_alive(self) -> None:
+        """Raise ``TrialFailed`` (``PROXY_DIED`` / ``UPSTREAM_DIED``) naming the dead process and
+        quoting its last log lines, if Envoy or an upstream endpoint has exited."""
+        envoy = self._envoy
+        if envoy is None or envoy.proc is None or envoy.proc.poll() is not None:
+            code = envoy.proc.returncode if envoy is not None and envoy.proc is not None else None
+            tail = envoy.stderr_tail() if envoy is not None else ""
+            raise TrialFailed(FailReason.PROXY_DIED, f"envoy (pid {envoy.pid if envoy else None}) exited "
+                              f"with code {code} during the measurement window:\n{tail}")
+        dead = [u for u in self._upstreams if not u.alive]
+        if dead:
+            raise TrialFailed(FailReason.UPSTREAM_DIED, "upstream endpoint(s) exited during the "
+                              "measurement window: " + ", ".join(
+                                  f"pid {u.pid} on port {u.port} (code {u.returncode})" for u in dead))
 
     def _sample(self) -> CpuSample:
         if self._cgroup is not None:
@@ -286,14 +345,21 @@ class LocalTarget(Target):
     # -- teardown ----------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Run the baseline (Istio defaults) again; no-op before start, after close, or when the
-        baseline already runs. Raises ``TargetError`` if the baseline proxy does not start."""
+        """Start again every upstream endpoint that died, then run the baseline (Istio defaults)
+        again; no-op before start, after close, or when the baseline already runs with every
+        endpoint alive. Raises ``TargetError`` if an endpoint or the baseline proxy does not start."""
         if not self._started or self._closed:
             return
         envoy = self._envoy
-        if (self._applied == self.baseline and envoy is not None and envoy.proc is not None
-                and envoy.proc.poll() is None):
+        dead = [u for u in self._upstreams if not u.alive]
+        if (not dead and self._applied == self.baseline and envoy is not None
+                and envoy.proc is not None and envoy.proc.poll() is None):
             return
+        for upstream in dead:
+            logger.warning("upstream endpoint pid %s (port %s) died with code %s; starting it again",
+                           upstream.pid, upstream.port, upstream.returncode)
+            upstream.stop()
+            self._start_upstream(upstream)
         try:
             self.apply(self.baseline)
             self.wait_ready(self.timing.proxy_start_timeout)
@@ -317,6 +383,8 @@ class LocalTarget(Target):
                 logger.exception("local target cleanup step failed")
                 failures.append(f"{type(exc).__name__}: {exc}")
         atexit.unregister(self.close)
+        if self._ledger is not None and not failures:
+            self._ledger.discard()
         if failures:
             raise TargetError("the local target could not release everything: " + "; ".join(failures))
 

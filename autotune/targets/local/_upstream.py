@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from autotune._process import child_env, log_tail, terminate
+from autotune._process import child_env, die_with_parent, log_tail, terminate
 from autotune.errors import TargetError
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,16 @@ class UpstreamProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def alive(self) -> bool:
+        """True while the process started by ``start`` runs (reaps it once it has exited)."""
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once it has exited (negative: killed by that signal)."""
+        return self.proc.returncode if self.proc is not None else None
+
     def start(self, timeout_s: float = 10.0) -> int:
         """Start the process and return its port once it accepts connections.
 
@@ -234,7 +244,8 @@ class UpstreamProcess:
         log_path = self._log_dir / f"upstream-{len(list(self._log_dir.glob('upstream-*')))}.log"
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, env=env, start_new_session=True)
+                                     stderr=self._log, env=env, start_new_session=True,
+                                     preexec_fn=die_with_parent())
         try:
             self.port = self._read_port(timeout_s)
         except BaseException:
