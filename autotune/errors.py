@@ -49,7 +49,7 @@ class FailReason(StrEnum):
     #: service failed, not the config).
     UPSTREAM_DIED = "upstream-died"
     #: The client sidecar did not run the applied cluster config (circuit breakers, protocol
-    #: options) within the bound (local: right after the restart; Kubernetes: ``settle``).
+    #: options) within the bound (local: right after the restart; Kubernetes: ``timing.xdsPush``).
     #: Counts against the budget (a config that never converges must not be re-run forever).
     NOT_PROPAGATED = "not-propagated"
 

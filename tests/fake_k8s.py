@@ -35,6 +35,8 @@ import jsonschema
 import yaml
 
 from _crd import load_crd, strict_dr_schema
+from autotune.mesh import ServiceRef, envoy_cluster
+from autotune.targets.kubernetes._observe import pool_of
 
 DR_PREFIX = "/apis/networking.istio.io/v1/namespaces/"
 _HASH_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' SafeEncodeString alphabet
@@ -154,6 +156,13 @@ class FakeCluster:
         self._bursts: list[tuple[float, float]] = []
         #: pod-template-hash → the template its pods were created from (their annotations).
         self.templates: dict[str, dict[str, Any]] = {}
+        #: The client sidecar's admin (``/sidecar/<ns>/clusters?format=json``) shows the stored
+        #: DestinationRules' circuit breakers ``sidecar_delay_s`` after each write; after
+        #: ``freeze_sidecar()`` it keeps what it had then (an xDS push that never arrives).
+        self.sidecar_delay_s = 0.0
+        self.sidecar_service_port = 8080
+        self._sidecar_frozen_at: float | None = None
+        self._dr_history: dict[tuple[str, str], list[tuple[float, dict[str, Any] | None]]] = {}
         self._rv = 1000
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -209,6 +218,9 @@ class FakeCluster:
             self.templates.clear()
             self.istio_installed = True
             self.rollout_mode = None
+            self.sidecar_delay_s = 0.0
+            self._sidecar_frozen_at = None
+            self._dr_history.clear()
 
     # -- seeding and inspection -------------------------------------------------------------------
 
@@ -247,6 +259,37 @@ class FakeCluster:
                                     "metadata": {"name": name, "namespace": ns, "generation": 1,
                                                  "resourceVersion": self._next_rv()},
                                     "spec": spec}
+            self._dr_stored(ns, name)
+
+    def _dr_stored(self, ns: str, name: str) -> None:
+        """Called under the lock after each write of a DestinationRule (``None``: deleted)."""
+        found = self.drs.get((ns, name))
+        self._dr_history.setdefault((ns, name), []).append((time.monotonic(), copy.deepcopy(found)))
+
+    def freeze_sidecar(self) -> None:
+        """From now on the client sidecar keeps the config it has (no xDS push arrives)."""
+        with self.lock:
+            self._sidecar_frozen_at = time.monotonic()
+
+    def sidecar_clusters(self, ns: str) -> dict[str, Any]:
+        """Envoy's ``/clusters?format=json`` as the client sidecar would answer it: one outbound
+        cluster per DestinationRule of ``ns`` that the sidecar has received."""
+        with self.lock:
+            now = time.monotonic() - self.sidecar_delay_s
+            if self._sidecar_frozen_at is not None:
+                now = min(now, self._sidecar_frozen_at)
+            statuses = []
+            for (dns, _), history in self._dr_history.items():
+                seen = [dr for t, dr in history if t <= now and dns == ns]
+                if not seen or seen[-1] is None:
+                    continue
+                dr = seen[-1]
+                host = dr["spec"]["host"]
+                service = ServiceRef(name=host.split(".")[0], namespace=ns, port=self.sidecar_service_port,
+                                     host=host)
+                cluster = envoy_cluster(pool_of(dr["spec"].get("trafficPolicy")), service, [])
+                statuses.append({"name": cluster["name"], "circuit_breakers": cluster["circuit_breakers"]})
+        return {"cluster_statuses": statuses}
 
     def deployment(self, ns: str, name: str) -> dict[str, Any]:
         with self.lock:
@@ -499,6 +542,10 @@ class _Handler(BaseHTTPRequestHandler):
         if parts.path == "/metrics/cadvisor":
             self._send(200, self.fake.cadvisor(), "text/plain; version=0.0.4; charset=utf-8")
             return
+        sidecar = parts.path.strip("/").split("/")
+        if sidecar[0] == "sidecar" and len(sidecar) == 3 and sidecar[2] == "clusters":
+            self._send(200, self.fake.sidecar_clusters(sidecar[1]))
+            return
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -638,6 +685,7 @@ class _Handler(BaseHTTPRequestHandler):
                 _validate_dr(new, strict)
                 new["metadata"].update(namespace=ns, generation=1, resourceVersion=fake._next_rv())
                 fake.drs[(ns, name)] = new
+                fake._dr_stored(ns, name)
                 return 201, copy.deepcopy(new)
             assert name is not None
             current = fake.drs.get((ns, name))
@@ -648,6 +696,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, copy.deepcopy(current)
             if verb == "delete":
                 del fake.drs[(ns, name)]
+                fake._dr_stored(ns, name)
                 return 200, _status(200, "", "deleted") | {"status": "Success"}
             if verb == "patch":
                 self._check_patch_type(ctype, ("application/merge-patch+json", "application/json-patch+json",
@@ -660,6 +709,7 @@ class _Handler(BaseHTTPRequestHandler):
                     new["metadata"]["generation"] += 1
                 new["metadata"]["resourceVersion"] = fake._next_rv()
                 fake.drs[(ns, name)] = new
+                fake._dr_stored(ns, name)
                 return 200, copy.deepcopy(new)
             return 405, _status(405, "MethodNotAllowed", f"{verb} is not served by the fake")
 
@@ -776,7 +826,7 @@ class KubeEnv:
             "kind": "kubernetes", "kubeconfig": str(self.kubeconfig), "context": "fake",
             "namespace": self.NAMESPACE, "deployment": self.DEPLOYMENT, "destinationRule": self.DR,
             "host": self.HOST, "serviceUrl": self.backend_url, "pollInterval": 0.05,
-            "requestTimeout": 5,
+            "requestTimeout": 5, "sidecarAdminUrl": f"{self.cluster.url}/sidecar/{self.NAMESPACE}",
             "prometheus": {"url": self.prometheus_url, "scrapeInterval": self.scrape_interval_s, "timeout": 5},
         }
         data.update(overrides)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from _specs import small_spec
-from autotune.errors import TargetError, TrialFailed
+from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.mesh import MeshConfig
 from autotune.study import run_single, run_study
 from autotune.targets import make_target
@@ -62,9 +62,10 @@ def fake(env: KubeEnv) -> FakeCluster:
 
 
 def _target(env: KubeEnv, tmp_path: Path, store: DictStore | None = None, rollout_timeout: float = 10,
-            window: float = 2, **overrides: Any) -> KubernetesTarget:
+            window: float = 2, xds_push: float = 0, **overrides: Any) -> KubernetesTarget:
     tgt = make_target(small_spec(tmp_path, target=env.target_data(**overrides),
-                                 **{"timing.rolloutTimeout": rollout_timeout, "timing.window": window}))
+                                 **{"timing.rolloutTimeout": rollout_timeout, "timing.window": window,
+                                    "timing.xdsPush": xds_push}))
     assert isinstance(tgt, KubernetesTarget)
     if store is not None:
         tgt.bind_state(store)
@@ -528,3 +529,68 @@ def test_a_window_includes_cpu_used_after_the_last_scrape_before_its_end(tmp_pat
     # Interpolating across the first scrape after the end keeps ~0.8 of the burst in the window
     # (the uniform-rate assumption spreads it over that scrape interval).
     assert 0.65 * truth < usage.cpu_cores <= 1.05 * truth, (usage, truth)
+
+
+# -- Istio's port-level pools and the sidecar's config ---------------------------------------------
+
+
+def test_a_port_level_connection_pool_for_the_service_port_is_refused_at_start(kube: KubeEnv, tmp_path: Path) -> None:
+    kube.seed(traffic_policy={"connectionPool": {"tcp": {"maxConnections": 100}}, "portLevelSettings": [
+        {"port": {"number": 9090}, "connectionPool": {"tcp": {"maxConnections": 3}}},
+        {"port": {"number": 8080}, "connectionPool": {"http": {"http1MaxPendingRequests": 5}}}]})
+    before = _baseline_state(kube.cluster)
+    tgt = _target(kube, tmp_path)
+    with pytest.raises(TargetError, match=r"portLevelSettings\[1\] sets a connectionPool for port 8080") as info:
+        tgt.start()
+    assert "instead of spec.trafficPolicy.connectionPool" in str(info.value)
+    assert "Move those connectionPool values" in str(info.value)
+    assert _baseline_state(kube.cluster) == before
+    assert kube.cluster.calls("PATCH") == []
+
+
+def test_port_level_settings_for_another_port_or_without_a_pool_are_accepted(kube: KubeEnv, tmp_path: Path) -> None:
+    kube.seed(traffic_policy={"portLevelSettings": [
+        {"port": {"number": 9090}, "connectionPool": {"tcp": {"maxConnections": 3}}},
+        {"port": {"number": 8080}, "loadBalancer": {"simple": "LEAST_REQUEST"}}]})
+    tgt = _target(kube, tmp_path)
+    tgt.start()
+    tgt.close()
+
+
+def test_a_destination_rule_change_that_never_reaches_the_sidecar_fails_as_not_propagated(
+        env: KubeEnv, tmp_path: Path) -> None:
+    tgt = _target(env, tmp_path, xds_push=0.5)
+    tgt.start()
+    try:
+        env.cluster.freeze_sidecar()
+        tgt.apply(MeshConfig(max_connections=7))
+        t0 = time.monotonic()
+        with pytest.raises(TrialFailed) as info:
+            tgt.wait_ready(30)
+        assert info.value.reason is FailReason.NOT_PROPAGATED
+        assert "max_connections: 4294967295 != 7" in str(info.value)
+        assert 0.5 <= time.monotonic() - t0 < 3  # xdsPush is the bound, not the ready timeout
+    finally:
+        tgt.close()
+
+
+def test_wait_ready_returns_once_the_sidecar_has_the_config_not_after_xds_push(env: KubeEnv, tmp_path: Path) -> None:
+    env.cluster.sidecar_delay_s = 0.4
+    tgt = _target(env, tmp_path, xds_push=20)
+    tgt.start()
+    try:
+        tgt.apply(MeshConfig(max_connections=7, http2_max_requests=11))
+        t0 = time.monotonic()
+        tgt.wait_ready(30)
+        assert 0.3 <= time.monotonic() - t0 < 5
+    finally:
+        tgt.close()
+
+
+def test_an_unreachable_sidecar_admin_is_a_preflight_error_saying_what_to_set(env: KubeEnv, tmp_path: Path) -> None:
+    tgt = _target(env, tmp_path, sidecarAdminUrl="http://127.0.0.1:9")
+    with pytest.raises(TargetError, match=r"target\.sidecarAdminUrl"):
+        tgt.start()
+    assert _target(env, tmp_path, sidecarAdminUrl="").sidecar_admin_url is None
+    assert _target(env, tmp_path, sidecarAdminUrl=None, inCluster=True).sidecar_admin_url == "http://127.0.0.1:15000"
+    assert _target(env, tmp_path, sidecarAdminUrl=None).sidecar_admin_url is None

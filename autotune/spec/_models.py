@@ -256,6 +256,11 @@ class KubernetesTargetSpec(_Model):
                       "the sidecars)",
             "rolloutTimeout": rollout, "rollout_timeout": rollout,
         })
+    #: Admin endpoint of the client sidecar (the istio-proxy of the pod autotune runs in), read
+    #: to check that a DestinationRule change reached it (``timing.xdsPush`` is then only the
+    #: upper bound). Default: ``http://127.0.0.1:15000`` with ``inCluster``, else none
+    #: (``timing.xdsPush`` is slept). ``""`` turns the check off.
+    sidecar_admin_url: str | None = Field(default=None, pattern=r"^(https?://.+)?$")
 
 
 TargetSpec = Annotated[LocalTargetSpec | KubernetesTargetSpec, Field(discriminator="kind")]

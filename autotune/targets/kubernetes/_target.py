@@ -27,6 +27,12 @@ from autotune.targets.kubernetes._desired import (
     desired_traffic_policy,
 )
 from autotune.targets.kubernetes._observe import observe
+from autotune.targets.kubernetes._propagation import (
+    IN_CLUSTER_ADMIN_URL,
+    check_reachable,
+    expected_thresholds,
+    wait_propagated,
+)
 from autotune.targets.kubernetes._rollout import wait_for_rollout
 from autotune.targets.kubernetes._snapshot import (
     STATE_KEY,
@@ -96,6 +102,11 @@ class KubernetesTarget(Target):
         self._dr_changed = False
         self._pod_hash: str | None = None
         self._window_start: float | None = None
+        self._applied: MeshConfig | None = None
+        #: The client sidecar's admin URL (``spec.sidecarAdminUrl``; localhost in-cluster), if any.
+        self.sidecar_admin_url: str | None = (
+            spec.sidecar_admin_url if spec.sidecar_admin_url is not None
+            else IN_CLUSTER_ADMIN_URL if spec.in_cluster else None) or None
         self._started = False
         self._closed = False
 
@@ -105,8 +116,9 @@ class KubernetesTarget(Target):
     # -- start ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pre-flight (namespace labelled for staging, Deployment, DestinationRule API, RBAC,
-        Prometheus), then snapshot the baseline, or restore the one a crashed run left behind."""
+        """Pre-flight (namespace labelled for staging, Deployment, DestinationRule API and no
+        port-level connection pool for the service's port, RBAC, Prometheus, the client sidecar's
+        admin), then snapshot the baseline, or restore the one a crashed run left behind."""
         if self._closed:
             raise TargetError("this kubernetes target was closed; create a new one")
         if self._started:
@@ -117,6 +129,8 @@ class KubernetesTarget(Target):
             if self._metrics is None:
                 self._metrics = _default_reader(self.spec.prometheus)
             self._metrics.check()
+            if self.sidecar_admin_url is not None:
+                check_reachable(self.sidecar_admin_url, self.spec.request_timeout)
             self._take_snapshot(deployment, dr)
             self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
         except ApiCallFailed as exc:
@@ -159,6 +173,7 @@ class KubernetesTarget(Target):
                 raise TargetError(f"deployment {self.spec.deployment} not found in namespace {ns}") from None
             raise
         dr = self._get_dr(api, start=True)
+        self._check_port_level(dr)
         self._check_rbac(api, dr_exists=dr is not None)
         return deployment, dr
 
@@ -173,6 +188,22 @@ class KubernetesTarget(Target):
                        "Istio's CRDs are not installed in this cluster, or predate Istio 1.22 (v1)")
                 raise (TargetError(msg) if start else TrialFailed(FailReason.API, msg)) from None
             raise
+
+    def _check_port_level(self, dr: dict[str, Any] | None) -> None:
+        """Refuse a DestinationRule whose ``portLevelSettings`` give the service's port its own
+        ``connectionPool``: Istio then uses that block instead of the top-level one autotune tunes
+        (``GetPortLevelTrafficPolicy``), so the tuned values would have no effect."""
+        policy = ((dr or {}).get("spec") or {}).get("trafficPolicy") or {}
+        port = self.service.port
+        for i, entry in enumerate(policy.get("portLevelSettings") or []):
+            if ((entry.get("port") or {}).get("number") == port and entry.get("connectionPool")):
+                raise TargetError(
+                    f"destinationrule {self.spec.destination_rule}: spec.trafficPolicy.portLevelSettings[{i}] "
+                    f"sets a connectionPool for port {port}, the service's port. Istio uses it instead of "
+                    "spec.trafficPolicy.connectionPool, which autotune tunes, so the tuned values would "
+                    "have no effect. Move those connectionPool values to spec.trafficPolicy.connectionPool "
+                    f"and remove connectionPool from portLevelSettings[{i}], or point autotune at a "
+                    "DestinationRule without a port-level pool for this port")
 
     def _check_rbac(self, api: KubeApi, dr_exists: bool) -> None:
         needed = [("get", "deployments", "apps"), ("patch", "deployments", "apps"), ("list", "pods", ""),
@@ -243,6 +274,7 @@ class KubernetesTarget(Target):
         with self._trial_errors():
             self._retry_conflict(lambda: self._apply_dr(api, config))
             self._retry_conflict(lambda: self._apply_annotations(api, config))
+        self._applied = config
         logger.debug("applied %s", config.describe())
 
     def _apply_dr(self, api: KubeApi, config: MeshConfig) -> None:
@@ -280,23 +312,33 @@ class KubernetesTarget(Target):
 
     def wait_ready(self, timeout_s: float) -> None:
         """After a pod-template change, wait for the rollout like ``kubectl rollout status`` for
-        at most ``min(timeout_s, timing.rollout_timeout)``; after a DestinationRule-only change,
-        sleep ``timing.xds_push`` for the xDS push (a fixed wait, not cut short by ``timeout_s``).
+        at most ``min(timeout_s, timing.rollout_timeout)``. Then, with a sidecar admin URL, poll
+        the client sidecar until it runs the applied circuit breakers, for at most
+        ``timing.xds_push``; without one, sleep ``timing.xds_push`` after a DestinationRule change
+        (not cut short by ``timeout_s``).
 
         Raises ``TrialFailed(FailReason.ROLLOUT_FAILED, condition message)`` at once on ``ReplicaFailure``
-        or ``ProgressDeadlineExceeded``, ``TrialFailed(FailReason.NOT_READY, …)`` on timeout.
+        or ``ProgressDeadlineExceeded``, ``TrialFailed(FailReason.NOT_READY, …)`` on timeout,
+        ``TrialFailed(FailReason.NOT_PROPAGATED, …)`` if the sidecar does not converge in time.
         """
-        # Evidence would beat sleeping: each client sidecar's envoy_cluster_manager_cds_update_success
-        # rising after the patch shows the push arrived. Left for later.
         api = self._require_started()
         with self._trial_errors():
             if self._rollout_generation is not None:
                 self._wait_rollout(api, self._rollout_generation, min(timeout_s, self.timing.rollout_timeout))
+            if self.sidecar_admin_url is not None and self._applied is not None:
+                took = wait_propagated(self.sidecar_admin_url, self._cluster_name(),
+                                       expected_thresholds(self._applied, self.service),
+                                       self.timing.xds_push, self.spec.poll_interval)
+                logger.debug("the client sidecar ran the applied config after %.2f s", took)
             elif self._dr_changed:
                 time.sleep(self.timing.xds_push)
             self._dr_changed = False
             if self._pod_hash is None:
                 self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
+
+    def _cluster_name(self) -> str:
+        """Istio's outbound cluster for the DestinationRule's host on the service's port."""
+        return f"outbound|{self.service.port}||{self.spec.host}"
 
     def _wait_rollout(self, api: KubeApi, generation: int, timeout_s: float) -> None:
         wait_for_rollout(lambda: api.get_deployment(self.spec.deployment), generation,
@@ -389,6 +431,7 @@ class KubernetesTarget(Target):
         if self._rollout_generation is not None:
             self._wait_rollout(api, self._rollout_generation, self.timing.rollout_timeout)
         self._dr_changed = False
+        self._applied = None
 
     def _restore_dr(self, api: KubeApi, snap: Snapshot) -> None:
         dr = self._get_dr(api)
