@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -35,8 +36,15 @@ import jsonschema
 import yaml
 
 from _crd import load_crd, strict_dr_schema
-from autotune.mesh import ServiceRef, envoy_cluster
+from autotune.mesh import ServiceRef, envoy_cluster, parse_cpu, parse_memory
 from autotune.targets.kubernetes._observe import pool_of
+
+try:  # the CRD's CEL rules are enforced only with PyPI's cel-python (a test dependency)
+    import celpy
+except ImportError:  # pragma: no cover - depends on the environment
+    celpy = None
+#: Whether the fake enforces the DestinationRule CRD's ``x-kubernetes-validations``.
+CEL_AVAILABLE = celpy is not None
 
 DR_PREFIX = "/apis/networking.istio.io/v1/namespaces/"
 _HASH_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' SafeEncodeString alphabet
@@ -388,10 +396,14 @@ class FakeCluster:
              "conditions": progressing},
         ]
         mode = self.rollout_mode
+        invalid = _pod_invalid(f"{key[1]}-{template_hash(dep['spec']['template'])}-x",
+                               _injected(dep["spec"]["template"]))
+        if invalid:
+            mode = "ReplicaFailure"
         if mode == "ReplicaFailure":
             failed = copy.deepcopy(steps[-1])
             failed["conditions"].append({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
-                                         "message": self.rollout_message})
+                                         "message": invalid or self.rollout_message})
             steps.append(failed)
         elif mode == "ProgressDeadlineExceeded":
             failed = copy.deepcopy(steps[-1])
@@ -472,6 +484,20 @@ def _injected(template: dict[str, Any]) -> dict[str, Any]:
     return {"containers": [*copy.deepcopy(template["spec"]["containers"]), sidecar]}
 
 
+def _pod_invalid(name: str, spec: dict[str, Any]) -> str:
+    """The API server's pod validation of requests against limits (what the ReplicaSet controller
+    reports as ``FailedCreate``), ``""`` when the pod is valid."""
+    for i, container in enumerate(spec["containers"]):
+        res = container.get("resources") or {}
+        requests, limits = res.get("requests") or {}, res.get("limits") or {}
+        for kind, parse in (("cpu", parse_cpu), ("memory", parse_memory)):
+            req, lim = requests.get(kind), limits.get(kind)
+            if req is not None and lim is not None and parse(req) > parse(lim):
+                return (f'Pod "{name}" is invalid: spec.containers[{i}].resources.requests: Invalid value: '
+                        f'"{req}": must be less than or equal to {kind} limit of {lim}')
+    return ""
+
+
 def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
     for part in filter(None, (p.strip() for p in selector.split(","))):
         if "!=" in part:
@@ -500,6 +526,36 @@ def _negative_ints(node: Any, path: str = "spec") -> list[str]:
     return out
 
 
+@functools.cache
+def _cel_program(rule: str) -> Any:
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _cel_errors(schema: dict[str, Any], value: Any, path: str) -> list[str]:
+    """The CRD's ``x-kubernetes-validations`` (CEL) that ``value`` breaks, as the API server words
+    them; none when ``celpy`` (PyPI ``cel-python``) is not installed (``CEL_AVAILABLE``)."""
+    if celpy is None or value is None:
+        return []
+    out = []
+    for rule in schema.get("x-kubernetes-validations") or []:
+        if not _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)}):
+            shown = f'"{value}"' if isinstance(value, str) else f'"{type(value).__name__}"'
+            out.append(f"{path}: Invalid value: {shown}: {rule.get('message') or 'failed rule: ' + rule['rule']}")
+    if isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key in value:
+                out += _cel_errors(sub, value[key], f"{path}.{key}")
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key, item in value.items():
+                out += _cel_errors(extra, item, f"{path}[{key}]")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            out += _cel_errors(schema["items"], item, f"{path}[{i}]")
+    return out
+
+
 def _validate_dr(dr: dict[str, Any], strict: bool) -> None:
     name = dr.get("metadata", {}).get("name", "")
     if strict:
@@ -514,6 +570,12 @@ def _validate_dr(dr: dict[str, Any], strict: bool) -> None:
         causes = [".".join(str(p) for p in e.absolute_path) + ": " + e.message for e in errors]
         raise HttpError(422, _status(422, "Invalid", f'DestinationRule.networking.istio.io "{name}" is invalid: '
                                      + "; ".join(causes),
+                                     {"name": name, "group": "networking.istio.io", "kind": "DestinationRule"}))
+    schema = _dr_schema()
+    broken = _cel_errors(schema["properties"]["spec"], dr.get("spec"), "spec")
+    if broken:
+        raise HttpError(422, _status(422, "Invalid", f'DestinationRule.networking.istio.io "{name}" is invalid: '
+                                     + ", ".join(broken),
                                      {"name": name, "group": "networking.istio.io", "kind": "DestinationRule"}))
     negative = _negative_ints(dr.get("spec"))
     if negative:

@@ -7,6 +7,7 @@ a local HTTP server and whose CPU comes from a real Prometheus scraping the fake
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +18,12 @@ import yaml
 
 from _specs import small_spec
 from autotune.errors import FailReason, TargetError, TrialFailed
-from autotune.mesh import MeshConfig
+from autotune.mesh import MeshConfig, SidecarResources
 from autotune.study import run_single, run_study
 from autotune.targets import make_target
 from autotune.targets.kubernetes import KubernetesTarget
 from autotune.targets.kubernetes._snapshot import STATE_KEY
-from fake_k8s import FakeCluster, KubeEnv, kube_env
+from fake_k8s import CEL_AVAILABLE, FakeCluster, KubeEnv, _pod_invalid, kube_env
 
 NS, DEP, DR = KubeEnv.NAMESPACE, KubeEnv.DEPLOYMENT, KubeEnv.DR
 HOLD = "holdApplicationUntilProxyStarts: true\n"
@@ -594,3 +595,49 @@ def test_an_unreachable_sidecar_admin_is_a_preflight_error_saying_what_to_set(en
     assert _target(env, tmp_path, sidecarAdminUrl="").sidecar_admin_url is None
     assert _target(env, tmp_path, sidecarAdminUrl=None, inCluster=True).sidecar_admin_url == "http://127.0.0.1:15000"
     assert _target(env, tmp_path, sidecarAdminUrl=None).sidecar_admin_url is None
+
+
+def test_a_sidecar_request_above_its_limit_fails_the_rollout_as_the_replicaset_controller_reports_it(
+        env: KubeEnv, tmp_path: Path) -> None:
+    before = _baseline_state(env.cluster)
+    tgt = _target(env, tmp_path)
+    tgt.sidecar = SidecarResources(memory_request="2Gi", memory_limit="1Gi")  # past spec validation
+    tgt.start()
+    try:
+        tgt.apply(MeshConfig(cpu_limit=0.5))
+        with pytest.raises(TrialFailed) as info:
+            tgt.wait_ready(10)
+        assert info.value.reason is FailReason.ROLLOUT_FAILED
+        assert "must be less than or equal to memory limit of 1Gi" in str(info.value)
+        tgt.restore()
+        assert _baseline_state(env.cluster) == before
+    finally:
+        tgt.close()
+    assert "cpu limit of 200m" in _pod_invalid("p", {"containers": [
+        {"name": "istio-proxy", "resources": {"requests": {"cpu": "0.5"}, "limits": {"cpu": "200m"}}}]})
+    assert _pod_invalid("p", {"containers": [
+        {"name": "istio-proxy", "resources": {"requests": {"cpu": "200m"}, "limits": {"cpu": "0.2"}}}]}) == ""
+
+
+@pytest.mark.skipif(not CEL_AVAILABLE, reason="the fake enforces the CRD's CEL rules only with PyPI's "
+                    "cel-python installed (pip install cel-python)")
+def test_the_fake_enforces_the_destination_rule_crds_cel_rules(target: KubernetesTarget, fake: FakeCluster) -> None:
+    import urllib.error
+    import urllib.request
+
+    def patch(body: dict[str, Any]) -> tuple[int, str]:
+        req = urllib.request.Request(f"{fake.url}{DR_PATH}/{DR}", method="PATCH", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/merge-patch+json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    code, text = patch({"spec": {"trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "500us"}}}}})
+    assert code == 422
+    assert "spec.trafficPolicy.connectionPool.tcp.connectTimeout: Invalid value: \\\"500us\\\"" in text
+    assert patch({"spec": {"trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "1ms"}}}}})[0] == 200
+    # What autotune writes passes the same rules.
+    target.apply(MeshConfig(max_connections=5, http2_max_requests=9, max_requests_per_connection=2))
+    target.wait_ready(10)
