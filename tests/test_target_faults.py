@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from autotune._process import child_env
+from autotune._process import child_env, die_with_parent
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.mesh import MeshConfig
 from autotune.spec import LocalTargetSpec, ServiceRef, UpstreamSpec
@@ -107,6 +107,30 @@ def test_a_killed_autotune_takes_envoy_and_the_upstreams_with_it_and_the_next_st
         assert not list(state_dir().glob(f"local-{child.pid}-*.json"))
     finally:
         t.close()
+
+
+@pytest.mark.skipif(die_with_parent() is None, reason="no parent-death signal on this platform")
+@pytest.mark.parametrize("bound", [True, False])
+def test_a_child_started_with_die_with_parent_dies_with_its_parent(bound: bool) -> None:
+    code = textwrap.dedent(f"""
+        import subprocess, time
+        from autotune._process import die_with_parent
+        p = subprocess.Popen(["sleep", "60"], start_new_session=True,
+                             preexec_fn={"die_with_parent()" if bound else "None"})
+        print(p.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=child_env())
+    assert parent.stdout is not None
+    grandchild = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    try:
+        assert (_wait_dead([grandchild], 3.0) == []) is bound  # the control (unbound) survives
+    finally:
+        if not _dead(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
 
 
 def test_the_sweep_kills_a_recorded_leftover_process_but_nothing_of_a_live_owner(tmp_path: Path) -> None:
