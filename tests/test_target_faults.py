@@ -45,15 +45,14 @@ needs_cgroup = pytest.mark.skipif(not SUPPORT.available,
                                   reason=f"no writable CPU cgroup: {SUPPORT.reason}")
 
 SERVICE = ServiceRef(name="backend", namespace="demo", port=8080)
-SPEC = LocalTargetSpec(upstream=UpstreamSpec(endpoints=2, service_time_ms=0, response_bytes=128),
-                       ready_timeout=30)
+SPEC = LocalTargetSpec(upstream=UpstreamSpec(endpoints=2, service_time_ms=0, response_bytes=128))
 TUNED = MeshConfig(max_connections=7, http1_max_pending_requests=9, concurrency=1)
 
 _CHILD = textwrap.dedent("""
     import json, sys, time
     from autotune.spec import LocalTargetSpec, ServiceRef, UpstreamSpec
     from autotune.targets.local import LocalTarget
-    t = LocalTarget(LocalTargetSpec(upstream=UpstreamSpec(endpoints=2), ready_timeout=30),
+    t = LocalTarget(LocalTargetSpec(upstream=UpstreamSpec(endpoints=2)),
                     ServiceRef(name="backend", namespace="demo", port=8080))
     t.start()
     print(json.dumps({"pids": t.started_pids, "envoy": t.envoy.pid,
