@@ -601,7 +601,8 @@ def test_a_sidecar_request_above_its_limit_fails_the_rollout_as_the_replicaset_c
         env: KubeEnv, tmp_path: Path) -> None:
     before = _baseline_state(env.cluster)
     tgt = _target(env, tmp_path)
-    tgt.sidecar = SidecarResources(memory_request="2Gi", memory_limit="1Gi")  # past spec validation
+    # Past spec validation (which refuses it), as a hand-edited template would be.
+    tgt.sidecar = SidecarResources.model_construct(memory_request="2Gi", memory_limit="1Gi")
     tgt.start()
     try:
         tgt.apply(MeshConfig(cpu_limit=0.5))
