@@ -32,19 +32,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import celpy  # PyPI cel-python (a dev dependency): the CRD's CEL rules, as the API server runs them
 import jsonschema
 import yaml
 
 from _crd import load_crd, strict_dr_schema
 from autotune.mesh import ServiceRef, envoy_cluster, parse_cpu, parse_memory
 from autotune.targets.kubernetes._observe import pool_of
-
-try:  # the CRD's CEL rules are enforced only with PyPI's cel-python (a test dependency)
-    import celpy
-except ImportError:  # pragma: no cover - depends on the environment
-    celpy = None
-#: Whether the fake enforces the DestinationRule CRD's ``x-kubernetes-validations``.
-CEL_AVAILABLE = celpy is not None
 
 DR_PREFIX = "/apis/networking.istio.io/v1/namespaces/"
 _HASH_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' SafeEncodeString alphabet
@@ -534,8 +528,8 @@ def _cel_program(rule: str) -> Any:
 
 def _cel_errors(schema: dict[str, Any], value: Any, path: str) -> list[str]:
     """The CRD's ``x-kubernetes-validations`` (CEL) that ``value`` breaks, as the API server words
-    them; none when ``celpy`` (PyPI ``cel-python``) is not installed (``CEL_AVAILABLE``)."""
-    if celpy is None or value is None:
+    them."""
+    if value is None:
         return []
     out = []
     for rule in schema.get("x-kubernetes-validations") or []:

@@ -23,7 +23,7 @@ from autotune.study import run_single, run_study
 from autotune.targets import make_target
 from autotune.targets.kubernetes import KubernetesTarget
 from autotune.targets.kubernetes._snapshot import STATE_KEY
-from fake_k8s import CEL_AVAILABLE, FakeCluster, KubeEnv, _pod_invalid, kube_env
+from fake_k8s import FakeCluster, KubeEnv, _pod_invalid, kube_env
 
 NS, DEP, DR = KubeEnv.NAMESPACE, KubeEnv.DEPLOYMENT, KubeEnv.DR
 HOLD = "holdApplicationUntilProxyStarts: true\n"
@@ -620,8 +620,6 @@ def test_a_sidecar_request_above_its_limit_fails_the_rollout_as_the_replicaset_c
         {"name": "istio-proxy", "resources": {"requests": {"cpu": "200m"}, "limits": {"cpu": "0.2"}}}]}) == ""
 
 
-@pytest.mark.skipif(not CEL_AVAILABLE, reason="the fake enforces the CRD's CEL rules only with PyPI's "
-                    "cel-python installed (pip install cel-python)")
 def test_the_fake_enforces_the_destination_rule_crds_cel_rules(target: KubernetesTarget, fake: FakeCluster) -> None:
     import urllib.error
     import urllib.request
