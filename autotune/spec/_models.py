@@ -181,12 +181,82 @@ class LoadSpec(_Model):
         return self.per_user_rate * self.users
 
 
+# --- the local service model (upstream endpoints and their faults) --------------------------
+
+
+class ServiceTime(_Model):
+    """How long an endpoint works on one request (slept, never burned): ``fixed`` at ``mean_ms``,
+    ``exponential`` with that mean, or ``lognormal`` with that mean and shape ``sigma`` (the
+    standard deviation of the log)."""
+
+    distribution: Literal["fixed", "exponential", "lognormal"] = "fixed"
+    mean_ms: float = Field(default=5.0, ge=0, le=60000)
+    sigma: float = Field(default=0.5, gt=0, le=3)
+
+
+class EndpointFault(_Model):
+    """``endpoints`` of the service's endpoints misbehaving the same way: each request takes
+    ``delay_ms`` more and its service time times ``service_time_factor`` (the worker is held all
+    that time), or is answered ``503`` (share ``error_rate``) or has its connection reset before
+    any response (share ``reset_rate``). A list of faults applies to disjoint endpoints in order:
+    the first fault to the first ``endpoints`` endpoints, the next to the ones after them."""
+
+    endpoints: int = Field(default=1, ge=1, le=16)
+    delay_ms: float = Field(default=0.0, ge=0, le=60000)
+    service_time_factor: float = Field(default=1.0, gt=0, le=1000)
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    reset_rate: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _rates(self) -> EndpointFault:
+        if self.error_rate + self.reset_rate > 1:
+            raise ValueError(f"errorRate + resetRate must be at most 1, but got "
+                             f"(errorRate={self.error_rate}, resetRate={self.reset_rate})")
+        return self
+
+
 class UpstreamSpec(_Model):
-    """Real HTTP endpoints on loopback standing in for the service's pods."""
+    """Real HTTP endpoints on loopback standing in for the service's pods, each an app server
+    with ``workers`` concurrent workers and a FIFO queue in front of them (at most
+    ``queue_limit`` waiting requests, beyond which it answers ``503``; ``None``: unbounded).
+    ``serviceTimeMs: x`` is short for ``serviceTime: {distribution: fixed, meanMs: x}``.
+    ``faults`` are the endpoint faults in force by default (a scenario may set others)."""
 
     endpoints: int = Field(default=2, ge=1, le=16)
-    service_time_ms: float = Field(default=5.0, ge=0, le=60000)
+    service_time: ServiceTime = ServiceTime()
+    workers: int = Field(default=8, ge=1, le=10000)
+    queue_limit: int | None = Field(default=None, ge=0, le=1_000_000)
     response_bytes: int = Field(default=128, ge=0, le=1_000_000)
+    faults: tuple[EndpointFault, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_time_ms(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        keys = [k for k in ("serviceTimeMs", "service_time_ms") if k in data]
+        if not keys:
+            return data
+        if "serviceTime" in data or "service_time" in data:
+            raise RuleBroken([(keys[0], "give either serviceTimeMs or serviceTime, not both")])
+        if len(keys) > 1:
+            raise RuleBroken([(keys[1], "give serviceTimeMs once")])
+        rest = {k: v for k, v in data.items() if k != keys[0]}
+        rest["serviceTime"] = {"distribution": "fixed", "meanMs": data[keys[0]]}
+        return rest
+
+    @model_validator(mode="after")
+    def _faults_fit(self) -> UpstreamSpec:
+        faulty = sum(f.endpoints for f in self.faults)
+        if faulty > self.endpoints:
+            raise ValueError(f"faults name {faulty} endpoints but there are only "
+                             f"endpoints={self.endpoints}")
+        return self
+
+    @property
+    def service_time_ms(self) -> float:
+        """The mean service time in ms."""
+        return self.service_time.mean_ms
 
 
 class LocalTargetSpec(_Model):

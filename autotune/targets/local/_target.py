@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import psutil
 
 from autotune.errors import FailReason, TargetError, TrialFailed, UnsupportedParameter
 from autotune.mesh import HPO_KEY, ISTIO_UNSET_LIMIT, MeshConfig, cluster_name, envoy_cluster
-from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef, Timing
+from autotune.spec import EndpointFault, LocalTargetSpec, SearchParam, ServiceRef, Timing
 from autotune.targets._base import Observed, ProxyUsage, Target
 from autotune.targets.local._cgroup import (
     NAME_PREFIX,
@@ -31,9 +32,10 @@ from autotune.targets.local._cgroup import (
     CpuSample,
     detect,
 )
+from autotune.targets.local._counters import deltas, read_counters
 from autotune.targets.local._envoy import EnvoyProcess, find_envoy_binary, render_bootstrap
 from autotune.targets.local._leftovers import TMP_PREFIX, Ledger, sweep
-from autotune.targets.local._upstream import UpstreamProcess
+from autotune.targets.local._upstream import FAULT_HEADER, Faults, UpstreamProcess
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class LocalTarget(Target):
         self._listener_port: int | None = None
         self._applied: MeshConfig | None = None
         self._window_start: CpuSample | None = None
+        self._window_counters: dict[str, int] | None = None
+        self._faults: tuple[EndpointFault, ...] = spec.upstream.faults
         self._runs = 0
         self._ledger: Ledger | None = None
         self._started = False
@@ -98,8 +102,12 @@ class LocalTarget(Target):
             self._tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
             self._ledger.add_dir(self._tmp)
             up = self.spec.upstream
-            for _ in range(up.endpoints):
-                proc = UpstreamProcess(up.service_time_ms, up.response_bytes, self._tmp)
+            per_endpoint = endpoint_faults(self._faults, up.endpoints)
+            for faults in per_endpoint:
+                proc = UpstreamProcess(up.service_time.mean_ms, up.response_bytes, self._tmp,
+                                       distribution=up.service_time.distribution,
+                                       sigma=up.service_time.sigma, workers=up.workers,
+                                       queue_limit=up.queue_limit, faults=faults)
                 self._upstreams.append(proc)
                 self._start_upstream(proc)
             self._started = True
@@ -212,7 +220,7 @@ class LocalTarget(Target):
             left = deadline - time.monotonic()
             try:
                 status = _get_status(_HOST, self._port(), min(per_request, max(left, 0.1)))
-                if status == 200:
+                if status in (200, _ENDPOINT_503):
                     self._check_propagated()
                     return
                 last = f"HTTP {status}"
@@ -238,6 +246,7 @@ class LocalTarget(Target):
     def begin_window(self) -> None:
         """Take the CPU sample the window starts from (a second call starts it again)."""
         self._require_started()
+        self._window_counters = self._counters()
         self._window_start = self._sample()
 
     def end_window(self) -> ProxyUsage:
@@ -250,10 +259,11 @@ class LocalTarget(Target):
         self._require_started()
         if self._window_start is None:
             raise TargetError("end_window called without begin_window")
-        s0 = self._window_start
-        self._window_start = None
+        s0, c0 = self._window_start, self._window_counters
+        self._window_start = self._window_counters = None
         self.check_alive()
         s1 = self._sample()
+        c1 = self._counters()
         dt = s1.time_monotonic - s0.time_monotonic
         return ProxyUsage(
             cpu_cores=(s1.usage_s - s0.usage_s) / dt if dt > 0 else 0.0,
@@ -261,7 +271,56 @@ class LocalTarget(Target):
             periods=s1.periods - s0.periods,
             throttled_periods=s1.throttled_periods - s0.throttled_periods,
             throttled_s=s1.throttled_s - s0.throttled_s,
+            extra=deltas(c0, c1) if c0 is not None and c1 is not None else {},
         )
+
+    def _counters(self) -> dict[str, int] | None:
+        """Envoy's cluster counters now (outside the CPU sample), ``None`` if unreadable."""
+        if self._envoy is None:
+            return None
+        try:
+            return read_counters(self._envoy, cluster_name(self.service))
+        except TargetError as exc:
+            logger.warning("%s; this window has no envoy counters", exc)
+            return None
+
+    # -- the service's endpoints -------------------------------------------------------------
+
+    def set_endpoint_faults(self, faults: Sequence[EndpointFault]) -> None:
+        """Make the endpoints misbehave as ``faults`` say, from now on, on the running endpoints
+        (no restart; an endpoint started again keeps them): the first fault applies to the first
+        ``faults[0].endpoints`` endpoints, the next to the following ones, the rest behave.
+        ``[]`` heals every endpoint; ``restore`` puts back the spec's ``target.upstream.faults``.
+
+        Raises ``TargetError`` if the faults name more endpoints than there are, or an endpoint
+        does not take them.
+        """
+        self._require_started()
+        per_endpoint = endpoint_faults(faults, len(self._upstreams))
+        for upstream, fault in zip(self._upstreams, per_endpoint, strict=True):
+            if upstream.alive:
+                upstream.set_faults(fault)
+            else:
+                upstream.faults = fault  # taken when restore() starts it again
+        self._faults = tuple(faults)
+        logger.info("endpoint faults: %s", [f.model_dump(by_alias=True, exclude_defaults=True)
+                                            for f in faults] or "none")
+
+    @property
+    def endpoint_faults(self) -> tuple[EndpointFault, ...]:
+        """The endpoint faults in force (the spec's ``target.upstream.faults`` after start)."""
+        return self._faults
+
+    @property
+    def endpoint_pids(self) -> list[int]:
+        """PIDs of the running upstream endpoints, in endpoint order."""
+        return [u.pid for u in self._upstreams if u.pid is not None and u.alive]
+
+    def endpoint_stats(self) -> list[dict[str, int]]:
+        """Each endpoint's own counts (served, queued, overflow_503, fault_503, fault_reset,
+        max_queue, busy, waiting), for diagnostics and tests."""
+        self._require_started()
+        return [u.stats() for u in self._upstreams]
 
     def _check_propagated(self) -> None:
         if self._applied is None:
@@ -352,14 +411,17 @@ class LocalTarget(Target):
             return
         envoy = self._envoy
         dead = [u for u in self._upstreams if not u.alive]
+        defaults = self.spec.upstream.faults
         if (not dead and self._applied == self.baseline and envoy is not None
-                and envoy.proc is not None and envoy.proc.poll() is None):
+                and envoy.proc is not None and envoy.proc.poll() is None and self._faults == defaults):
             return
         for upstream in dead:
             logger.warning("upstream endpoint pid %s (port %s) died with code %s; starting it again",
                            upstream.pid, upstream.port, upstream.returncode)
             upstream.stop()
             self._start_upstream(upstream)
+        if self._faults != defaults:
+            self.set_endpoint_faults(defaults)
         try:
             self.apply(self.baseline)
             self.wait_ready(self.timing.proxy_start_timeout)
@@ -420,13 +482,36 @@ class LocalTarget(Target):
             raise TargetError("the local target is not running (call start first)")
 
 
+def endpoint_faults(faults: Sequence[EndpointFault], endpoints: int) -> list[Faults]:
+    """What each of ``endpoints`` endpoints does under ``faults`` (in order, disjoint).
+
+    Raises ``TargetError`` if the faults name more endpoints than there are.
+    """
+    named = sum(f.endpoints for f in faults)
+    if named > endpoints:
+        raise TargetError(f"the endpoint faults name {named} endpoints but the service has "
+                          f"{endpoints}")
+    out: list[Faults] = []
+    for f in faults:
+        out += [Faults(delay_ms=f.delay_ms, service_time_factor=f.service_time_factor,
+                       error_rate=f.error_rate, reset_rate=f.reset_rate)] * f.endpoints
+    return out + [Faults()] * (endpoints - named)
+
+
+#: ``_get_status`` of a 503 the endpoint itself answered (a fault or its full queue): the route
+#: through Envoy works.
+_ENDPOINT_503 = -503
+
+
 def _get_status(host: str, port: int, timeout_s: float) -> int:
-    """Status of one ``GET /`` on a fresh connection."""
+    """Status of one ``GET /`` on a fresh connection (``_ENDPOINT_503`` for an endpoint's 503)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         conn.request("GET", "/", headers={"Connection": "close"})
         resp = conn.getresponse()
         resp.read()
+        if resp.status == 503 and resp.getheader(FAULT_HEADER):
+            return _ENDPOINT_503
         return resp.status
     finally:
         with contextlib.suppress(OSError):

@@ -1,0 +1,290 @@
+"""The local service model: finite-capacity endpoints, service-time distributions, endpoint faults,
+and Envoy's counters per window — on the real local target (real Envoy, real endpoint processes).
+
+The load is an open-loop client (requests leave on a fixed schedule whatever the answers, each
+on an idle keep-alive connection or a new one; latency is measured from the scheduled time), so
+a queue above capacity shows as it grows. Tests that start processes need the Envoy binary and a
+CPU cgroup; run them under ``flock /tmp/autotune-load.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+
+from autotune.errors import SpecError, TargetError
+from autotune.mesh import MeshConfig
+from autotune.spec import EndpointFault, LocalTargetSpec, ServiceRef, UpstreamSpec, parse_spec
+from autotune.targets import ProxyUsage
+from autotune.targets.local import LocalTarget
+from autotune.targets.local._cgroup import detect
+from autotune.targets.local._counters import ENVOY_COUNTERS
+from autotune.targets.local._envoy import find_envoy_binary
+from autotune.targets.local._target import endpoint_faults
+from autotune.targets.local._upstream import Faults, ServiceTimeSampler
+
+SERVICE = ServiceRef(name="backend", namespace="demo", port=8080)
+#: 2 endpoints x 2 workers x 20 ms: the service's capacity is 200 requests/s.
+SERVICE_MS, WORKERS, ENDPOINTS = 20.0, 2, 2
+CAPACITY_RPS = ENDPOINTS * WORKERS * 1000 / SERVICE_MS
+SPEC = LocalTargetSpec(upstream=UpstreamSpec(endpoints=ENDPOINTS, service_time_ms=SERVICE_MS,
+                                             workers=WORKERS))
+
+
+# -- pure: the sampler, the spec, the fault layout ------------------------------------------------
+
+@pytest.mark.parametrize("distribution", ["fixed", "exponential", "lognormal"])
+def test_service_time_distributions_have_the_configured_mean(distribution: str) -> None:
+    sampler = ServiceTimeSampler(distribution, mean_ms=5.0, sigma=0.5, seed=7)
+    draws = [sampler.sample() * 1000 for _ in range(40_000)]
+    assert statistics.fmean(draws) == pytest.approx(5.0, rel=0.03)
+    assert min(draws) >= 0
+    if distribution == "fixed":
+        assert set(draws) == {5.0}
+    elif distribution == "exponential":
+        assert statistics.stdev(draws) == pytest.approx(5.0, rel=0.05)  # sd = mean
+    else:
+        assert statistics.stdev([math.log(d) for d in draws]) == pytest.approx(0.5, rel=0.05)
+    again = ServiceTimeSampler(distribution, mean_ms=5.0, sigma=0.5, seed=7)
+    assert [again.sample() * 1000 for _ in range(5)] == draws[:5]  # seeded: reproducible
+
+
+def test_spec_service_model_fields() -> None:
+    up = UpstreamSpec.model_validate({"serviceTimeMs": 3})
+    assert (up.service_time.distribution, up.service_time_ms, up.workers, up.queue_limit) == (
+        "fixed", 3.0, 8, None)
+    up = UpstreamSpec.model_validate({
+        "endpoints": 3, "workers": 4, "queueLimit": 10,
+        "serviceTime": {"distribution": "lognormal", "meanMs": 5, "sigma": 0.8},
+        "faults": [{"endpoints": 1, "errorRate": 0.5}, {"endpoints": 1, "delayMs": 50}]})
+    assert up.service_time.sigma == 0.8 and up.queue_limit == 10
+    assert [f.error_rate for f in up.faults] == [0.5, 0.0] and up.faults[1].delay_ms == 50
+    assert UpstreamSpec.model_validate(up.model_dump(by_alias=True)) == up  # round-trips
+
+
+@pytest.mark.parametrize(("upstream", "message"), [
+    ({"serviceTimeMs": 3, "serviceTime": {"meanMs": 3}}, "either serviceTimeMs or serviceTime"),
+    ({"endpoints": 2, "faults": [{"endpoints": 2}, {"endpoints": 1}]}, "name 3 endpoints"),
+    ({"faults": [{"errorRate": 0.6, "resetRate": 0.6}]}, "errorRate + resetRate must be at most 1"),
+    ({"serviceTime": {"distribution": "pareto"}}, "target.upstream.serviceTime.distribution"),
+    ({"workers": 0}, "target.upstream.workers"),
+])
+def test_spec_refuses_bad_service_models(upstream: dict[str, object], message: str) -> None:
+    raw = {"study": {"name": "s"}, "target": {"kind": "local", "upstream": upstream},
+           "search": {"proxy.concurrency": {"low": 1, "high": 2}}}
+    with pytest.raises(SpecError, match=message.replace("+", r"\+")):
+        parse_spec(raw)
+
+
+def test_faults_apply_to_disjoint_endpoints_in_order() -> None:
+    slow, failing = EndpointFault(endpoints=1, delay_ms=30), EndpointFault(endpoints=2, error_rate=0.5)
+    assert endpoint_faults([slow, failing], 4) == [
+        Faults(delay_ms=30), Faults(error_rate=0.5), Faults(error_rate=0.5), Faults()]
+    assert endpoint_faults([], 2) == [Faults(), Faults()]
+    with pytest.raises(TargetError, match="name 3 endpoints but the service has 2"):
+        endpoint_faults([failing, slow], 2)
+
+
+# -- the real local target -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """What the open-loop client saw, and what the target measured over the same interval."""
+
+    latencies_ms: list[float]  # of the 200s, from the scheduled send time
+    statuses: dict[int, int]  # status → count; 0 = connection error
+    usage: ProxyUsage
+    upstream_cpu_s: float
+
+    def p95(self) -> float:
+        return statistics.quantiles(self.latencies_ms, n=100)[94]
+
+    @property
+    def sent(self) -> int:
+        return sum(self.statuses.values())
+
+
+async def _open_loop(url: str, rps: float, seconds: float) -> tuple[list[float], dict[int, int]]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    opened: list[asyncio.StreamWriter] = []
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def one(scheduled: float) -> None:
+        conn = idle.pop() if idle else None
+        status = 0
+        try:
+            if conn is None:
+                conn = await asyncio.open_connection(host, port)
+                opened.append(conn[1])
+            reader, writer = conn
+            writer.write(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            status = int(head.split(b" ", 2)[1])
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            if status == 200:
+                latencies.append((time.monotonic() - scheduled) * 1000)
+            idle.append(conn)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, StopIteration, ValueError):
+            status = 0
+        statuses[status] = statuses.get(status, 0) + 1
+
+    start = time.monotonic()
+    tasks = []
+    for i in range(int(rps * seconds)):
+        scheduled = start + i / rps
+        await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+        tasks.append(asyncio.create_task(one(scheduled)))
+    await asyncio.gather(*tasks)
+    for writer in opened:
+        writer.close()
+    return latencies, statuses
+
+
+def _upstream_cpu_s(target: LocalTarget) -> float:
+    total = 0.0
+    for pid in target.endpoint_pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def _run(target: LocalTarget, rps: float, seconds: float = 3.0) -> Run:
+    cpu0 = _upstream_cpu_s(target)
+    target.begin_window()
+    latencies, statuses = asyncio.run(_open_loop(target.load_url, rps, seconds))
+    usage = target.end_window()
+    return Run(latencies, statuses, usage, _upstream_cpu_s(target) - cpu0)
+
+
+SUPPORT = detect()
+try:
+    find_envoy_binary()
+    ENVOY_MISSING = ""
+except TargetError as exc:
+    ENVOY_MISSING = str(exc)
+real = pytest.mark.skipif(bool(ENVOY_MISSING) or not SUPPORT.available,
+                          reason=ENVOY_MISSING or f"no writable CPU cgroup: {SUPPORT.reason}")
+
+
+@pytest.fixture
+def target() -> Iterator[LocalTarget]:
+    """A started target per test (conftest checks that no process outlives a test)."""
+    t = LocalTarget(SPEC, SERVICE)
+    t.start()
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+@real
+def test_above_capacity_the_queue_grows_without_burning_cpu(target: LocalTarget) -> None:
+    below = _run(target, 0.5 * CAPACITY_RPS)
+    above = _run(target, 1.5 * CAPACITY_RPS)
+    print(f"\np95 at 50% of capacity: {below.p95():.1f} ms, at 150%: {above.p95():.1f} ms; "
+          f"upstream CPU at 150%: {above.upstream_cpu_s / above.usage.window_s:.3f} cores, "
+          f"{1e3 * above.upstream_cpu_s / above.sent:.3f} ms per request; "
+          f"envoy {above.usage.cpu_cores:.3f} cores")
+    assert below.statuses == {200: below.sent}
+    assert below.p95() < 3 * SERVICE_MS, below.p95()
+    # Above capacity with Istio's unbounded pools, every request is served but waits in the
+    # endpoints' queues: a third of the offered load piles up over the run.
+    assert above.statuses == {200: above.sent}
+    assert above.p95() > 10 * below.p95(), (above.p95(), below.p95())
+    assert above.usage.extra["envoy_pending_overflow"] == 0
+    assert above.usage.extra["envoy_upstream_rq"] == pytest.approx(above.sent, abs=5)
+    assert max(s["max_queue"] for s in target.endpoint_stats()) > 20
+    # The service time is slept: the endpoints' CPU per request is a small part of it.
+    assert above.upstream_cpu_s / above.sent < 0.1 * SERVICE_MS / 1000
+
+
+@real
+def test_tight_pools_shed_load_and_keep_latency_bounded(target: LocalTarget) -> None:
+    target.apply(MeshConfig(max_connections=ENDPOINTS * WORKERS, http1_max_pending_requests=4))
+    target.wait_ready(20)
+    run = _run(target, 1.5 * CAPACITY_RPS)
+    extra = run.usage.extra
+    print(f"\ntight pools at 150%: {run.statuses}, p95 of 200s {run.p95():.1f} ms, counters "
+          f"{ {k: v for k, v in extra.items() if v} }")
+    assert run.statuses.get(503, 0) > 0.1 * run.sent, run.statuses
+    assert extra["envoy_pending_overflow"] == pytest.approx(run.statuses[503], abs=5)
+    assert extra["envoy_pending"] > 0
+    # at most max_connections in service and 4 waiting: a few service times, not a growing queue
+    assert run.p95() < 10 * SERVICE_MS, run.p95()  # unbounded pools: over 1 s here
+
+
+@real
+def test_failing_endpoint_shows_in_the_counters_and_heals_live(target: LocalTarget) -> None:
+    target.set_endpoint_faults([EndpointFault(endpoints=1, error_rate=0.5)])
+    failing = _run(target, 0.4 * CAPACITY_RPS, seconds=2.0)
+    stats = target.endpoint_stats()
+    target.set_endpoint_faults([])
+    healed = _run(target, 0.4 * CAPACITY_RPS, seconds=2.0)
+    print(f"\none endpoint failing half its requests: {failing.statuses}, "
+          f"envoy_upstream_503={failing.usage.extra['envoy_upstream_503']}; healed: {healed.statuses}")
+    # Least-request balancing over two endpoints sends it about half: a quarter fail.
+    assert 0.1 * failing.sent < failing.statuses.get(503, 0) < 0.45 * failing.sent, failing.statuses
+    assert failing.usage.extra["envoy_upstream_503"] == failing.statuses[503]
+    assert failing.usage.extra["envoy_upstream_5xx"] == failing.statuses[503]
+    assert stats[0]["fault_503"] == failing.statuses[503] and stats[1]["fault_503"] == 0
+    assert healed.statuses == {200: healed.sent}
+    assert healed.usage.extra["envoy_upstream_503"] == 0
+
+
+@real
+def test_slow_endpoint_and_restore_puts_the_spec_faults_back(target: LocalTarget) -> None:
+    target.set_endpoint_faults([EndpointFault(endpoints=1, delay_ms=200)])
+    slow = _run(target, 0.2 * CAPACITY_RPS, seconds=2.0)
+    assert slow.statuses == {200: slow.sent}
+    assert max(slow.latencies_ms) > 200 > min(slow.latencies_ms)  # one endpoint of two is slow
+    target.restore()
+    assert target.endpoint_faults == SPEC.upstream.faults == ()
+    fast = _run(target, 0.2 * CAPACITY_RPS, seconds=1.0)
+    assert max(fast.latencies_ms) < 150, max(fast.latencies_ms)
+
+
+@real
+def test_reset_connections_show_as_upstream_resets(target: LocalTarget) -> None:
+    target.set_endpoint_faults([EndpointFault(endpoints=1, reset_rate=1.0)])
+    run = _run(target, 0.2 * CAPACITY_RPS, seconds=2.0)
+    extra = run.usage.extra
+    print(f"\none endpoint resetting every connection: {run.statuses}, counters "
+          f"{ {k: v for k, v in extra.items() if v} }")
+    resets = target.endpoint_stats()[0]["fault_reset"]
+    assert resets > 0
+    assert extra["envoy_upstream_resets"] == resets
+
+
+@real
+def test_every_counter_is_reported_per_window(target: LocalTarget) -> None:
+    target.begin_window()
+    usage = target.end_window()
+    assert set(usage.extra) == set(ENVOY_COUNTERS.values())
+    assert all(v == 0 for v in usage.extra.values()), usage.extra
+
+
+@real
+def test_spec_faults_are_in_force_from_the_start() -> None:
+    spec = SPEC.model_copy(update={"upstream": SPEC.upstream.model_copy(
+        update={"faults": (EndpointFault(endpoints=1, error_rate=1.0),)})})
+    with LocalTarget(spec, SERVICE) as t:  # ready although one endpoint always fails
+        assert isinstance(t, LocalTarget)
+        run = _run(t, 0.2 * CAPACITY_RPS, seconds=1.0)
+        assert 0 < run.statuses.get(503, 0) < run.sent
+        t.set_endpoint_faults([])
+        t.restore()
+        assert t.endpoint_faults == spec.upstream.faults
+        assert t.endpoint_stats()[0]["fault_503"] >= run.statuses[503]  # + wait_ready's probes
