@@ -55,6 +55,8 @@ def trial_row(trial: FrozenTrial) -> dict[str, object]:
     row["envoy_concurrency"] = config.effective_concurrency
     for col in METRIC_COLUMNS:
         row[col] = _number(rec.metrics.get(col))
+    for col in sorted(k for k in rec.metrics if k.startswith("envoy_")):  # the proxy's own counters
+        row[col] = _number(rec.metrics.get(col))
     row["latency_p95_cv"] = rec.spread_cv.get("latency_p95_ms")
     row["cpu_cores_cv"] = rec.spread_cv.get("cpu_cores")
     row["windows"] = len(rec.windows) or None
