@@ -93,6 +93,31 @@ def test_faults_apply_to_disjoint_endpoints_in_order() -> None:
         endpoint_faults([failing, slow], 2)
 
 
+def test_envoy_counters_reach_the_trial_record_and_trials_csv() -> None:
+    import optuna
+
+    from autotune.export import trials_frame
+    from autotune.load import LoadResult
+    from autotune.study._measure import combine
+    from autotune.study._record import TrialRecord
+    from autotune.study._stats import aggregate
+
+    load = LoadResult(offered_rps=100, achieved_rps=100, requests=100, failures=0, window_s=1.0,
+                      latency_p50_ms=5, latency_p95_ms=6, latency_p99_ms=7)
+    counters = dict.fromkeys(ENVOY_COUNTERS.values(), 0.0)
+    windows = [combine(load, ProxyUsage(cpu_cores=0.1, window_s=1.0,
+                                  extra={**counters, "envoy_pending_overflow": n}), MeshConfig())
+               for n in (3.0, 5.0, 4.0)]
+    metrics, _ = aggregate(windows)
+    assert metrics["envoy_pending_overflow"] == 4.0  # per window, the median over the windows
+    study = optuna.create_study(directions=["minimize"])
+    study.add_trial(optuna.trial.create_trial(
+        value=1.0, user_attrs=TrialRecord(metrics=metrics, windows=windows).user_attrs()))
+    assert TrialRecord.read(study.trials[0]).metrics["envoy_pending_overflow"] == 4.0
+    row = trials_frame(study).iloc[0]
+    assert row["envoy_pending_overflow"] == 4.0 and row["envoy_retries"] == 0.0
+
+
 # -- the real local target -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -277,7 +302,7 @@ def test_every_counter_is_reported_per_window(target: LocalTarget) -> None:
 
 
 @real
-def test_spec_faults_are_in_force_from_the_start() -> None:
+def test_default_faults_are_in_force_from_the_start() -> None:
     spec = SPEC.model_copy(update={"upstream": SPEC.upstream.model_copy(
         update={"faults": (EndpointFault(endpoints=1, error_rate=1.0),)})})
     with LocalTarget(spec, SERVICE) as t:  # ready although one endpoint always fails
