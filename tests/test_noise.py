@@ -51,3 +51,13 @@ def test_paired_change_degenerate_cases() -> None:
     assert one.low_pct == -math.inf and not one.improves("minimize")
     with pytest.raises(ValueError):
         paired_change([1.0], [1.0, 2.0], 0.9)
+
+
+def test_proxy_event_counters_are_summed_over_windows_not_medianed() -> None:
+    """A burst of 503 overflows in one window must show in the trial's total."""
+    windows = [{"latency_p95_ms": 5.0, "envoy_pending_overflow": 0.0, "requests": 10.0, "failures": 0.0},
+               {"latency_p95_ms": 6.0, "envoy_pending_overflow": 40.0, "requests": 10.0, "failures": 4.0},
+               {"latency_p95_ms": 7.0, "envoy_pending_overflow": 0.0, "requests": 10.0, "failures": 0.0}]
+    metrics, _ = aggregate(windows)
+    assert metrics["envoy_pending_overflow"] == 40.0
+    assert metrics["latency_p95_ms"] == 6.0

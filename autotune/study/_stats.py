@@ -11,6 +11,8 @@ from scipy import stats
 
 #: Metrics aggregated conservatively rather than by the median (see ``aggregate``).
 _SUMMED = ("requests", "failures", "window_s")
+#: Prefix of the proxy's event counters (503 overflows, retries, ejections): summed over windows.
+_COUNTER_PREFIX = "envoy_"
 
 
 def cv(values: Sequence[float]) -> float:
@@ -24,9 +26,10 @@ def cv(values: Sequence[float]) -> float:
 def aggregate(windows: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     """Combine per-window metrics into one value each, plus the spread (CV) of each.
 
-    Medians, except: ``requests``, ``failures`` and ``window_s`` are summed, ``error_rate`` is
-    failures over requests of all windows, and ``throughput_ratio`` is the worst window's, so a
-    config that fell short of the offered load once counts against the throughput constraint.
+    Medians, except: ``requests``, ``failures``, ``window_s`` and the proxy's ``envoy_*`` event
+    counters are summed, ``error_rate`` is failures over requests of all windows, and
+    ``throughput_ratio`` is the worst window's, so a config that fell short of the offered load
+    once counts against the throughput constraint.
     """
     if not windows:
         raise ValueError("no windows to aggregate")
@@ -36,7 +39,7 @@ def aggregate(windows: Sequence[Mapping[str, float]]) -> tuple[dict[str, float],
     for key in keys:
         values = [float(w[key]) for w in windows]
         finite = [v for v in values if math.isfinite(v)]
-        if key in _SUMMED:
+        if key in _SUMMED or key.startswith(_COUNTER_PREFIX):
             out[key] = float(sum(values))
         elif key == "throughput_ratio":
             out[key] = min(values)
