@@ -109,13 +109,13 @@ def test_envoy_counters_reach_the_trial_record_and_trials_csv() -> None:
                                   extra={**counters, "envoy_pending_overflow": n}), MeshConfig())
                for n in (3.0, 5.0, 4.0)]
     metrics, _ = aggregate(windows)
-    assert metrics["envoy_pending_overflow"] == 4.0  # per window, the median over the windows
+    assert metrics["envoy_pending_overflow"] == 12.0  # the trial's total: counters are summed over windows
     study = optuna.create_study(directions=["minimize"])
     study.add_trial(optuna.trial.create_trial(
         value=1.0, user_attrs=TrialRecord(metrics=metrics, windows=windows).user_attrs()))
-    assert TrialRecord.read(study.trials[0]).metrics["envoy_pending_overflow"] == 4.0
+    assert TrialRecord.read(study.trials[0]).metrics["envoy_pending_overflow"] == 12.0
     row = trials_frame(study).iloc[0]
-    assert row["envoy_pending_overflow"] == 4.0 and row["envoy_retries"] == 0.0
+    assert row["envoy_pending_overflow"] == 12.0 and row["envoy_retries"] == 0.0
 
 
 # -- the real local target -----------------------------------------------------------------------
