@@ -11,6 +11,7 @@ import yaml
 
 CRDS = Path(__file__).parent / "data" / "istio-crds"
 DR_CRD = CRDS / "destinationrule.crd.yaml"
+VS_CRD = CRDS / "virtualservice.crd.yaml"
 
 
 @functools.cache
@@ -44,4 +45,11 @@ def strict(schema: dict[str, Any]) -> dict[str, Any]:
 def strict_dr_schema(version: str = "v1") -> dict[str, Any]:
     """The DestinationRule ``openAPIV3Schema`` of ``version``, strict."""
     (v,) = [v for v in load_crd()["spec"]["versions"] if v["name"] == version]
+    return strict(v["schema"]["openAPIV3Schema"])
+
+
+@functools.cache
+def strict_vs_schema(version: str = "v1") -> dict[str, Any]:
+    """The VirtualService ``openAPIV3Schema`` of ``version``, strict."""
+    (v,) = [v for v in load_crd(VS_CRD)["spec"]["versions"] if v["name"] == version]
     return strict(v["schema"]["openAPIV3Schema"])

@@ -160,10 +160,14 @@ def test_deployment_patch_always_writes_all_four_resource_annotations(
         assert yaml.safe_load(ann[mapping.ANN_PROXY_CONFIG]) == {"concurrency": concurrency}
 
 
-def test_every_parameter_reaches_a_manifest_and_envoy() -> None:
-    """No parameter of the registry is silently dropped by the translation."""
-    for name, info in PARAMETERS.items():
-        value = 0.25 if info.kind == "cpu" else 7
+def test_every_seed_parameter_reaches_a_manifest_and_envoy() -> None:
+    """The connection-pool limits and the sidecar's concurrency and CPU limit are not dropped by
+    the translation (the other knobs: tests/test_knobs_mapping.py, which covers the registry)."""
+    seed = ("connectionPool.tcp.maxConnections", "connectionPool.http.http1MaxPendingRequests",
+            "connectionPool.http.http2MaxRequests", "connectionPool.http.maxRequestsPerConnection",
+            "connectionPool.http.maxRetries", "proxy.concurrency", "proxy.cpuLimit")
+    for name in seed:
+        value = 0.25 if PARAMETERS[name].kind == "cpu" else 7
         config = MeshConfig.from_params({name: value})
         dr = mapping.to_yaml(mapping.destination_rule(config, SERVICE))
         patch = mapping.to_yaml(mapping.deployment_patch(config, SIDECAR))

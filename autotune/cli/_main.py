@@ -12,8 +12,8 @@ import click
 
 from autotune.cli._console import RichObserver, console, metrics_table, print_table, quiet_optuna, setup_logging
 from autotune.errors import AutotuneError
-from autotune.mesh import PARAMETERS, MeshConfig, parse_cpu
-from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec
+from autotune.mesh import NO_LIMIT, PARAMETERS, MeshConfig, ParamValue, parse_cpu
+from autotune.spec import DEFAULT_STORAGE, StudySpec, load_spec, parse_duration
 
 if TYPE_CHECKING:  # Optuna, pandas and the study loop load only once a spec has passed (fast errors)
     import optuna
@@ -210,14 +210,21 @@ def trial() -> None:
 
 
 def _parse_sets(values: tuple[str, ...]) -> MeshConfig:
-    params: dict[str, int | float] = {}
+    params: dict[str, ParamValue] = {}
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or key not in PARAMETERS:
             raise AutotuneError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(PARAMETERS)}")
         info = PARAMETERS[key]
+        if info.kind == "choice" or (key == "proxy.cpuLimit" and raw == NO_LIMIT):
+            if info.choices and raw not in info.choices:
+                raise AutotuneError(f"--set {item!r}: must be one of {', '.join(info.choices)}")
+            params[key] = raw
+            continue
         try:
-            value: int | float = parse_cpu(raw) if info.kind == "cpu" else int(raw)
+            value: int | float = (parse_cpu(raw) if info.kind == "cpu"
+                                  else round(parse_duration(raw) * 1000) if info.kind == "duration"
+                                  else int(raw))
         except ValueError as exc:
             raise AutotuneError(f"--set {item!r}: {exc}") from None
         if not info.minimum <= value <= info.maximum:

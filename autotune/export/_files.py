@@ -51,7 +51,8 @@ def trial_row(trial: FrozenTrial) -> dict[str, object]:
     set_values = config.to_params()
     for name, info in PARAMETERS.items():
         value = set_values.get(name)
-        row[name] = (format_cpu(value) if info.kind == "cpu" else value) if value is not None else None
+        row[name] = (format_cpu(value) if info.kind == "cpu" and not isinstance(value, str) else value) \
+            if value is not None else None
     row["envoy_concurrency"] = config.effective_concurrency
     for col in METRIC_COLUMNS:
         row[col] = _number(rec.metrics.get(col))
@@ -131,7 +132,8 @@ class Exported:
 
 def export_study(study: optuna.Study, out_dir: Path) -> Exported:
     """Write ``trials.csv``, ``pareto.csv``, ``pareto.html`` and, for each Pareto trial,
-    ``trial-<n>/{destinationrule,deployment-patch}.yaml`` under ``out_dir``. Overwrites.
+    ``trial-<n>/{destinationrule,deployment-patch}.yaml`` (and ``virtualservice.yaml`` when a
+    route setting is tuned) under ``out_dir``. Overwrites.
     A folder or file that cannot be written raises ``ExportError`` naming it."""
     try:
         return _export(study, out_dir)
@@ -151,7 +153,8 @@ def _export(study: optuna.Study, out_dir: Path) -> Exported:
         d.mkdir(exist_ok=True)
         manifests = TrialRecord.read(t).manifests
         for name in MANIFESTS:
-            (d / name).write_text(manifests[name], encoding="utf-8")
+            if name in manifests:  # virtualservice.yaml only when a route setting is tuned
+                (d / name).write_text(manifests[name], encoding="utf-8")
         dirs.append(d)
     # report.md, report.html, pareto.html; the report is also the study's note in the dashboard.
     write_report(study, out_dir, trials_frame(study), pareto_frame(study), front_with_baseline(study),

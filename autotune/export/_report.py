@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ import optuna
 import pandas as pd
 
 from autotune.export._table import fmt, label, pareto_text_table, pct
-from autotune.mesh import PARAMETERS, format_cpu, parse_cpu
+from autotune.mesh import NO_LIMIT, PARAMETERS, format_cpu, parse_cpu
 from autotune.study import METRIC_NAMES, Confirmation
 
 if TYPE_CHECKING:
@@ -89,19 +90,27 @@ def pareto_figure(study_name: str, objectives: Sequence[str], trials: pd.DataFra
     return fig
 
 
+def _is_word(value: object, kind: str) -> bool:
+    """A value shown as itself: a ``choice`` or a CPU limit's ``unset``."""
+    return isinstance(value, str) and (kind == "choice" or value == NO_LIMIT)
+
+
 def _param_values(rows: pd.DataFrame, name: str) -> list[float]:
     kind = PARAMETERS[name].kind
-    return [parse_cpu(v) if kind == "cpu" else float(v) for v in rows[name] if not pd.isna(v)]
+    return [parse_cpu(v) if kind == "cpu" else float(v) for v in rows[name]
+            if not pd.isna(v) and not _is_word(v, kind)]
 
 
-def _span(values: list[float], kind: str) -> str:
+def _span(values: list[float], kind: str, words: list[str] | None = None) -> str:
+    counted = [f"{w} ({n})" for w, n in sorted(Counter(words or []).items())]
     if not values:
-        return "-"
+        return ", ".join(counted) or "-"
     def show(v: float) -> str:
         return format_cpu(v) if kind == "cpu" else f"{v:g}"
 
     lo, hi = min(values), max(values)
-    return show(lo) if lo == hi else f"{show(lo)} – {show(hi)} ({len(values)})"
+    span = show(lo) if lo == hi else f"{show(lo)} – {show(hi)} ({len(values)})"
+    return ", ".join([span, *counted])
 
 
 def knobs_section(trials: pd.DataFrame, front: pd.DataFrame) -> list[str]:
@@ -121,7 +130,9 @@ def knobs_section(trials: pd.DataFrame, front: pd.DataFrame) -> list[str]:
     on_front = front[~front["baseline"].astype(bool)] if not front.empty else front
     for name in searched:
         kind = PARAMETERS[name].kind
-        cells = [_span(_param_values(rows, name), kind) if not rows.empty else "-"
+        cells = [_span(_param_values(rows, name), kind,
+                       [str(v) for v in rows[name] if not pd.isna(v) and _is_word(v, kind)])
+                 if not rows.empty else "-"
                  for rows in (feasible, on_front, infeasible)]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return [*lines, ""]

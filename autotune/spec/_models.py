@@ -33,7 +33,7 @@ from autotune.mesh import (
     format_cpu,
     parse_cpu,
 )
-from autotune.spec._duration import duration, format_duration
+from autotune.spec._duration import duration, format_duration, parse_duration
 from autotune.spec._storage_url import check_storage_url
 
 DEFAULT_STORAGE = "sqlite:///trials/autotune.db"
@@ -100,13 +100,18 @@ class StudySettings(_Model):
 
 class ParamRange(_Model):
     """Search range of one parameter as written in the spec; ``StudySpec`` checks it against the
-    parameter's rules and keeps the typed ``SearchParam``."""
+    parameter's rules and keeps the typed ``SearchParam``. A ``choice`` parameter
+    (``loadBalancer.simple``) lists ``choices`` instead of ``low``/``high``; a duration is written
+    with its unit (``250ms``, ``1s``, whole milliseconds); ``proxy.cpuLimit`` may add
+    ``unset: true`` so the search also tries no CPU limit at all."""
 
-    type: Literal["int", "cpu"] | None = None
-    low: int | float | str
-    high: int | float | str
+    type: Literal["int", "cpu", "duration", "choice"] | None = None
+    low: int | float | str | None = None
+    high: int | float | str | None = None
     log: bool = False
     step: int | float | str | None = None
+    choices: list[str] | None = None
+    unset: bool = False
 
 
 class SearchParam(BaseModel):
@@ -119,6 +124,10 @@ class SearchParam(BaseModel):
     high: float
     log: bool = False
     step: float | None = None
+    #: ``choice`` parameters: the values searched.
+    choices: tuple[str, ...] = ()
+    #: ``proxy.cpuLimit``: the search may also pick no limit (``"unset"``).
+    unset: bool = False
 
 
 Metric = Literal["latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores",
@@ -457,6 +466,15 @@ class StudySpec(_Model):
     def _cpu_request_rule(self) -> list[tuple[str, str]]:
         cpu = next((p for p in self._space if p.name == "proxy.cpuLimit"), None)
         lowest = cpu.low if cpu is not None else DEFAULT_CPU_LIMIT
+        request = next((p for p in self._space if p.name == "proxy.cpuRequest"), None)
+        if request is not None:  # the searched request replaces sidecar.cpuRequest
+            if request.high <= lowest:
+                return []
+            limit = (f'the lowest proxy.cpuLimit searched ({format_cpu(lowest)})' if cpu is not None
+                     else f"Istio's default CPU limit {format_cpu(lowest)} (proxy.cpuLimit is not searched)")
+            return [('parameters["proxy.cpuRequest"].high',
+                     f"must be <= {limit}: Kubernetes refuses a request above its limit, so every "
+                     f"request searched must fit under every limit searched; got {format_cpu(request.high)}")]
         if self.sidecar.cpu_request_cores <= lowest:
             return []
         given = "" if "cpu_request" in self.sidecar.model_fields_set else " (the default)"
@@ -541,6 +559,15 @@ def _search_param(name: str, r: ParamRange) -> tuple[SearchParam | None, list[tu
         return None, [("", f"unknown parameter; known parameters are {', '.join(PARAMETERS)}")]
     if r.type is not None and r.type != info.kind:
         return None, [(".type", f"{name} is of type {info.kind!r}, not {r.type!r}")]
+    if r.unset and name != "proxy.cpuLimit":
+        return None, [(".unset", f"only proxy.cpuLimit can be left unset (no limit), not {name}")]
+    if info.kind == "choice":
+        return _choice_param(name, info, r)
+    if r.choices is not None:
+        return None, [(".choices", f"{name} is a range ({info.kind}); give low and high, not choices")]
+    missing = [(f".{key}", "is required") for key in ("low", "high") if getattr(r, key) is None]
+    if missing:
+        return None, missing
     problems: list[tuple[str, str]] = []
     values: dict[str, float] = {}
     for key in ("low", "high", "step"):
@@ -557,12 +584,36 @@ def _search_param(name: str, r: ParamRange) -> tuple[SearchParam | None, list[tu
     if problems:
         return None, problems
     return SearchParam(name=name, info=info, low=values["low"], high=values["high"], log=r.log,
-                       step=values.get("step")), []
+                       step=values.get("step"), unset=r.unset), []
+
+
+def _choice_param(name: str, info: ParamInfo, r: ParamRange) -> tuple[SearchParam | None, list[tuple[str, str]]]:
+    """A categorical parameter: ``choices`` only, each one of the values Istio accepts."""
+    given = [key for key in ("low", "high", "step") if getattr(r, key) is not None] + (["log"] if r.log else [])
+    if given:
+        return None, [(f".{key}", f"{name} is a choice among {', '.join(info.choices)}; give choices, "
+                       f"not {key}") for key in given]
+    if not r.choices:
+        return None, [(".choices", f"give at least one of {', '.join(info.choices)}")]
+    problems = [(f".choices[{i}]", f"must be one of {', '.join(info.choices)}, got {c!r}")
+                for i, c in enumerate(r.choices) if c not in info.choices]
+    problems += [(f".choices[{i}]", f"{c!r} is listed twice") for i, c in enumerate(r.choices)
+                 if c in r.choices[:i]]
+    if problems:
+        return None, problems
+    return SearchParam(name=name, info=info, low=0, high=0, choices=tuple(r.choices)), []
 
 
 def _number(info: ParamInfo, raw: int | float | str) -> float:
     if info.kind == "cpu":
         return parse_cpu(raw)
+    if info.kind == "duration":
+        if not isinstance(raw, str):
+            raise ValueError(f"a duration setting is written with its unit ('250ms', '1s'), got {raw!r}")
+        ms = parse_duration(raw) * 1000
+        if abs(ms - round(ms)) > 1e-6:
+            raise ValueError(f"Istio takes whole milliseconds, got {raw!r}")
+        return float(round(ms))
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise ValueError(f"must be a whole number, got {raw!r}")
     return float(raw)
@@ -572,8 +623,11 @@ def _range_rules(info: ParamInfo, values: dict[str, float], log: bool) -> list[t
     low, high, step = values["low"], values["high"], values.get("step")
     problems: list[tuple[str, str]] = []
     if low < info.minimum:
-        why = ("Istio treats 0 as unset and istiod rejects negative limits"
-               if info.kind == "int" else "the local cgroup quota cannot go below 10m")
+        why = {"int": "Istio treats 0 as unset and istiod rejects negative limits" if info.minimum else
+                      "istiod rejects negative values",
+               "duration": "istiod and the CRD require at least 1ms",
+               }.get(info.kind, "the local cgroup quota cannot go below 10m"
+                     if info.name == "proxy.cpuLimit" else "Kubernetes CPU precision is 1m")
         problems.append((".low", f"must be >= {_fmt(info, info.minimum)} ({why}), got {_fmt(info, low)}"))
     if high > info.maximum:
         problems.append((".high", f"must be <= {_fmt(info, info.maximum)}, got {_fmt(info, high)}"))
@@ -599,6 +653,8 @@ def _range_rules(info: ParamInfo, values: dict[str, float], log: bool) -> list[t
 
 
 def _fmt(info: ParamInfo, value: float) -> str:
+    if info.kind == "duration":
+        return f"{int(value)}ms"
     return format_cpu(value) if info.kind == "cpu" else str(int(value))
 
 

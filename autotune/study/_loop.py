@@ -13,7 +13,16 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from autotune.errors import AutotuneError, ExportError, FailReason, StorageError, TrialFailed
 from autotune.load import LoadDriver
-from autotune.mesh import PARAMETERS, MeshConfig, deployment_patch, destination_rule, to_yaml
+from autotune.mesh import (
+    NO_LIMIT,
+    PARAMETERS,
+    MeshConfig,
+    ParamValue,
+    deployment_patch,
+    destination_rule,
+    to_yaml,
+    virtual_service,
+)
 from autotune.spec import SearchParam, StudySpec
 from autotune.study._artifacts import artifacts_dir, open_store, upload_measurement
 from autotune.study._confirm import confirm_front
@@ -49,10 +58,16 @@ SPREAD_KEYS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores"
 
 
 def suggest(trial: Trial, space: list[SearchParam]) -> MeshConfig:
-    """Ask the sampler for one value per parameter of the space (CPU in cores, 1m precision)."""
-    values: dict[str, int | float] = {}
+    """Ask the sampler for one value per parameter of the space (CPU in cores, 1m precision;
+    durations in whole ms; a ``choice`` as its string). A CPU limit that may be unset is asked
+    as the categorical ``<name>:unset`` first and, when it is not, as a number."""
+    values: dict[str, ParamValue] = {}
     for p in space:
-        if p.info.kind == "cpu":
+        if p.info.kind == "choice":
+            values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.unset and trial.suggest_categorical(f"{p.name}:unset", [False, True]):
+            values[p.name] = NO_LIMIT
+        elif p.info.kind == "cpu":
             v = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
             values[p.name] = round(v, 3)
         else:
@@ -200,10 +215,13 @@ class _Objective:
 
     def _start(self, trial: Trial, config: MeshConfig, baseline: bool, drift_check: bool) -> TrialRecord:
         """Record the config (and its manifests) before measuring, and tell the observer."""
+        manifests = {"destinationrule.yaml": to_yaml(destination_rule(config, self.spec.service)),
+                     "deployment-patch.yaml": to_yaml(deployment_patch(config, self.spec.sidecar))}
+        vs = virtual_service(config, self.spec.service)
+        if vs is not None:  # only when a route setting is tuned
+            manifests["virtualservice.yaml"] = to_yaml(vs)
         record = TrialRecord(config=config, baseline=baseline, drift_check=drift_check,
-                             worker=self.worker, manifests={
-            "destinationrule.yaml": to_yaml(destination_rule(config, self.spec.service)),
-            "deployment-patch.yaml": to_yaml(deployment_patch(config, self.spec.sidecar))})
+                             worker=self.worker, manifests=manifests)
         self._write(trial, record, "record the start")
         index = counted_trials(trial.study) + 1
         if drift_check:

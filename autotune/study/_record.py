@@ -34,8 +34,9 @@ _VIOLATIONS, _STATUS, _OBSERVED, _TIMINGS = "violations", "status_counts", "obse
 _SPREAD, _WINDOWS, _DRIFT_PCT = "spread_cv", "windows", "drift_pct"
 _FAIL_REASON, _FAIL_MESSAGE, _WORKER = "fail_reason", "fail_message", "worker"
 logger = logging.getLogger(__name__)
-#: The manifests stored with each trial, by file name.
-MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml")
+#: The manifests stored with each trial, by file name (``virtualservice.yaml`` only when a route
+#: setting is tuned).
+MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml", "virtualservice.yaml")
 #: Keys that are not metrics (``feasible`` was written by older versions and is ignored).
 _NOT_METRICS = frozenset({_CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK, _VIOLATIONS, _STATUS,
                           _OBSERVED, _TIMINGS, _SPREAD, _WINDOWS, _DRIFT_PCT, _FAIL_REASON,

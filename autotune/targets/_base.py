@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -36,8 +36,10 @@ class ProxyUsage:
         return self.throttled_periods / self.periods if self.periods else 0.0
 
 
-#: The ``MeshConfig`` fields of the DestinationRule's connection pool (the rest are sidecar settings).
-POOL_FIELDS = tuple(f.name for f in fields(MeshConfig) if f.name not in ("concurrency", "cpu_limit"))
+#: The ``MeshConfig`` fields every target reads back from where they are enforced (the
+#: circuit-breaker and per-connection limits); the other traffic settings are not compared yet.
+POOL_FIELDS = ("max_connections", "http1_max_pending_requests", "http2_max_requests",
+               "max_requests_per_connection", "max_retries")
 PARAMETERS_BY_FIELD = {p.field: p.name for p in PARAMETERS.values()}
 
 

@@ -311,7 +311,8 @@ class RecordedGrid:
         out: dict[str, float] = {}
         for c in GRID_COLUMNS:
             vals = self.values[c]
-            v = float(params.get(c, wanted.get(c, ISTIO_UNSET_LIMIT)))
+            raw = params.get(c)  # a string is a CPU limit left unset: its effective value counts
+            v = float(raw) if isinstance(raw, int | float) else float(wanted.get(c, ISTIO_UNSET_LIMIT))
             if c in _LINEAR:
                 out[c] = min(vals, key=lambda g: (abs(g - v), g))
             else:

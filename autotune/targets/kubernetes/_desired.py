@@ -15,6 +15,15 @@ from autotune.mesh import ANN_PROXY_CONFIG, MeshConfig, connection_pool, sidecar
 from autotune.spec import SidecarResources
 from autotune.targets.kubernetes._snapshot import MANAGED_ANNOTATIONS
 
+#: Settings the Kubernetes target does not write yet (``check_supported`` refuses them): the
+#: DestinationRule's timeouts, outlier detection and load balancer, and the VirtualService.
+NOT_YET_ON_KUBERNETES = frozenset({
+    "connectionPool.http.idleTimeout", "connectionPool.tcp.connectTimeout",
+    "outlierDetection.consecutive5xxErrors", "outlierDetection.consecutiveGatewayErrors",
+    "outlierDetection.interval", "outlierDetection.baseEjectionTime",
+    "outlierDetection.maxEjectionPercent", "loadBalancer.simple", "retries.attempts",
+    "retries.perTryTimeout",
+})
 #: The connection-pool fields autotune tunes, by block; the user's other fields are kept.
 TUNED_POOL_FIELDS = {
     "tcp": ("maxConnections",),

@@ -28,7 +28,7 @@ def pool_of(traffic_policy: dict[str, Any] | None) -> MeshConfig:
         value = (pool.get(block) or {}).get(name)
         if isinstance(value, int) and value != 0:
             values[attr] = value
-    return MeshConfig(**values)
+    return MeshConfig(**values)  # type: ignore[arg-type]  # int fields only (_POOL)
 
 
 def _meta(pod: dict[str, Any]) -> dict[str, Any]:

@@ -16,12 +16,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from autotune.errors import FailReason, TargetError, TrialFailed
+from autotune.errors import FailReason, TargetError, TrialFailed, UnsupportedParameter
 from autotune.mesh import MeshConfig, destination_rule
-from autotune.spec import KubernetesTargetSpec, PrometheusSpec, ServiceRef, SidecarResources, Timing
+from autotune.spec import (
+    KubernetesTargetSpec,
+    PrometheusSpec,
+    SearchParam,
+    ServiceRef,
+    SidecarResources,
+    Timing,
+)
 from autotune.targets._base import Observed, ProxyUsage, StateStore, Target
 from autotune.targets.kubernetes._client import DR_GROUP, DR_PLURAL, ApiCallFailed, KubeApi, make_api_client
 from autotune.targets.kubernetes._desired import (
+    NOT_YET_ON_KUBERNETES,
     annotation_patch,
     desired_annotations,
     desired_traffic_policy,
@@ -112,6 +120,17 @@ class KubernetesTarget(Target):
 
     def bind_state(self, store: StateStore) -> None:
         self._store = store
+
+    def check_supported(self, space: list[SearchParam]) -> None:
+        """Refuse the settings this target does not write yet (it patches the DestinationRule's
+        connection-pool limits and the pod template only), so none is silently ignored."""
+        refused = [p.name for p in space if p.name in NOT_YET_ON_KUBERNETES]
+        if any(p.name == "proxy.cpuLimit" and p.unset for p in space):
+            refused.append("proxy.cpuLimit (unset: true)")
+        if refused:
+            raise UnsupportedParameter(
+                f"the kubernetes target does not apply {', '.join(refused)} yet (only the local target "
+                "does); remove them from the search space to tune on Kubernetes")
 
     # -- start ---------------------------------------------------------------------------------
 

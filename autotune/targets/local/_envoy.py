@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from autotune._process import die_with_parent, log_tail, terminate
 from autotune.errors import FailReason, TargetError, TrialFailed
+from autotune.mesh import MeshConfig, envoy_retry_policy
 from autotune.targets.local._cgroup import CpuCgroup
 
 logger = logging.getLogger(__name__)
@@ -53,16 +54,21 @@ def find_envoy_binary(configured: str | None = None) -> str:
     return found
 
 
-def render_bootstrap(cluster: dict[str, Any], listener_port: int = 0) -> dict[str, Any]:
+def render_bootstrap(cluster: dict[str, Any], listener_port: int = 0,
+                     route: dict[str, Any] | None = None) -> dict[str, Any]:
     """An Envoy v3 bootstrap: admin on 127.0.0.1 (port 0), an outbound listener on
-    127.0.0.1:``listener_port`` routing every path to ``cluster`` with no route timeout."""
+    127.0.0.1:``listener_port`` routing every path by ``route`` (``mesh.envoy_route``: Istio's
+    route with its retry policy); without one, Istio's default route to ``cluster``."""
     name = cluster["name"]
+    if route is None:
+        route = {"match": {"prefix": "/"},
+                 "route": {"cluster": name, "timeout": "0s", "retry_policy": envoy_retry_policy(MeshConfig())}}
     hcm = {
         "@type": _HCM,
         "stat_prefix": ("outbound_0.0.0.0_" + name.split("|")[1]) if "|" in name else "outbound",
         "route_config": {"virtual_hosts": [{
             "name": "backend", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name, "timeout": "0s"}}],
+            "routes": [route],
         }]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
     }

@@ -22,7 +22,14 @@ from typing import Any
 import psutil
 
 from autotune.errors import FailReason, TargetError, TrialFailed, UnsupportedParameter
-from autotune.mesh import HPO_KEY, ISTIO_UNSET_LIMIT, MeshConfig, cluster_name, envoy_cluster
+from autotune.mesh import (
+    HPO_KEY,
+    ISTIO_UNSET_LIMIT,
+    MeshConfig,
+    cluster_name,
+    envoy_cluster,
+    envoy_route,
+)
 from autotune.spec import EndpointFault, LocalTargetSpec, SearchParam, ServiceRef, Timing
 from autotune.targets._base import Observed, ProxyUsage, Target
 from autotune.targets.local._cgroup import (
@@ -153,13 +160,14 @@ class LocalTarget(Target):
             self._cgroup.set_quota(None)
         endpoints = [(_HOST, u.port) for u in self._upstreams if u.port is not None]
         cluster = envoy_cluster(config, self.service, endpoints)
-        self._start_envoy(config.effective_concurrency, cluster)
+        self._start_envoy(config.effective_concurrency, cluster, envoy_route(config, self.service))
         if self._cgroup is not None:
             self._cgroup.set_quota(config.effective_cpu_limit)
         self._applied = config
         logger.debug("applied %s", config.describe())
 
-    def _start_envoy(self, concurrency: int, cluster: dict[str, Any]) -> None:
+    def _start_envoy(self, concurrency: int, cluster: dict[str, Any],
+                     route: dict[str, Any] | None = None) -> None:
         assert self._binary is not None and self._tmp is not None
         port = self._listener_port or 0
         for attempt in range(2):
@@ -167,7 +175,7 @@ class LocalTarget(Target):
             envoy = EnvoyProcess(self._binary, self._tmp / f"envoy-{self._runs}", concurrency)
             self._envoy = envoy
             try:
-                envoy.start(render_bootstrap(cluster, port), self._cgroup, self.timing.proxy_start_timeout)
+                envoy.start(render_bootstrap(cluster, port, route), self._cgroup, self.timing.proxy_start_timeout)
             except TrialFailed as exc:
                 self._envoy = None
                 if attempt == 0 and port and "ddress already in use" in str(exc):
