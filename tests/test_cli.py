@@ -62,7 +62,7 @@ def test_study_start_then_list_pareto_and_export(tmp_path: Path, monkeypatch: py
     code, out = _run("study", "start", str(spec), "--study-name", "cli", "--duration", "1.5")
     assert code == 0, out
     assert "Pareto front of cli" in out and "baseline" in out
-    assert "✓ trial 0 baseline: p95 ms 4.50, CPU cores 0.10" in out
+    assert "✓ trial 0 baseline: p95 ms 4.50, CPU used 0.10" in out
     assert "results: " in out and (tmp_path / "out" / "cli" / "pareto.csv").is_file()
     code, out = _run("study", "list", "--storage", storage)
     assert code == 0 and "cli" in out

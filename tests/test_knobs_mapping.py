@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -308,3 +309,32 @@ def test_envoy_validates_bootstraps_with_the_new_knobs(tmp_path: Path) -> None:
     default = render_bootstrap(mesh.envoy_cluster(MeshConfig(), SERVICE, []))
     hcm = default["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["route_config"]["virtual_hosts"][0]["routes"] == [mesh.envoy_route(MeshConfig(), SERVICE)]
+
+
+# -- the cost axis ---------------------------------------------------------------------------
+
+def test_cost_metrics_are_named_for_what_they_are() -> None:
+    from autotune.study._cost import cost_metrics
+
+    m = cost_metrics(MeshConfig(cpu_limit=0.5), cpu_used=0.06, achieved_rps=300.0, request_default=0.1)
+    assert m == pytest.approx({"cpu_used_cores": 0.06, "cpu_requested_cores": 0.1,
+                               "cpu_limit_cores": 0.5, "cpu_per_1k_rps": 0.2})
+    # The request is what the annotation says: the searched one, capped at the limit.
+    assert cost_metrics(MeshConfig(cpu_request=0.8, cpu_limit=0.5), 0.1, 100, 0.1)["cpu_requested_cores"] == 0.5
+    assert cost_metrics(MeshConfig(cpu_request=0.8, no_cpu_limit=True), 0.1, 100, 0.1)["cpu_requested_cores"] == 0.8
+    assert math.isnan(cost_metrics(MeshConfig(), 0.1, 0.0, 0.1)["cpu_per_1k_rps"])  # nothing served
+
+
+def test_old_cost_names_are_accepted_with_a_deprecation_message(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    data = small_spec_data(tmp_path)
+    data["objectives"] = ["latency_p95_ms", "cpu_reserved_cores"]
+    with caplog.at_level("WARNING", logger="autotune.spec._models"):
+        spec = parse_spec(data, "spec.yaml")
+    assert [o.metric for o in spec.objectives] == ["latency_p95_ms", "cpu_reserved_cores"]
+    assert "cpu_reserved_cores is deprecated" in caplog.text and "cpu_limit_cores" in caplog.text
+    caplog.clear()
+    data["objectives"] = ["latency_p95_ms", "cpu_requested_cores", "cpu_per_1k_rps"]
+    with caplog.at_level("WARNING", logger="autotune.spec._models"):
+        parse_spec(data, "spec.yaml")
+    assert "deprecated" not in caplog.text

@@ -100,7 +100,7 @@ def test_good_spec_parses_cpu_quantities(tmp_path: Path) -> None:
     spec = load_spec(_write(tmp_path, GOOD))
     cpu = {p.name: p for p in spec.search_space()}["proxy.cpuLimit"]
     assert (cpu.low, cpu.high, cpu.step) == (0.05, 2.0, 0.05)
-    assert [o.metric for o in spec.objectives] == ["latency_p95_ms", "cpu_cores"]
+    assert [o.metric for o in spec.objectives] == ["latency_p95_ms", "cpu_used_cores"]
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from autotune.study import (
 
 METRIC_COLUMNS = [
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "cpu_reserved_cores",
+    "cpu_used_cores", "cpu_requested_cores", "cpu_limit_cores", "cpu_per_1k_rps",
     "cpu_throttled_ratio", "achieved_rps", "offered_rps", "throughput_ratio", "error_rate",
     "requests",
 ]

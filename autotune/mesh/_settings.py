@@ -182,6 +182,13 @@ class MeshConfig:
         limit = self.limit_cores
         return limit if limit is not None else float(os.cpu_count() or 1)
 
+    def request_cores(self, default: float) -> float:
+        """The sidecar's CPU request in cores: ``proxy.cpuRequest`` or ``default`` (the spec's
+        ``sidecar.cpuRequest``), capped at the limit as the annotations write it."""
+        request = self.cpu_request if self.cpu_request is not None else default
+        limit = self.limit_cores
+        return min(request, limit) if limit is not None else request
+
     @property
     def effective_concurrency(self) -> int:
         """Envoy worker threads: explicit, else pilot-agent's ceil(``ISTIO_CPU_LIMIT``), which is

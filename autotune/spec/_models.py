@@ -7,6 +7,7 @@ broken rule with its field path. ``parse_spec`` only turns pydantic's errors int
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +37,7 @@ from autotune.mesh import (
 from autotune.spec._duration import duration, format_duration, parse_duration
 from autotune.spec._storage_url import check_storage_url
 
+logger = logging.getLogger(__name__)
 DEFAULT_STORAGE = "sqlite:///trials/autotune.db"
 #: Largest spec or locustfile read (checked before reading: a spec is a page, not a data set).
 MAX_FILE_BYTES = 1 << 20
@@ -130,13 +132,25 @@ class SearchParam(BaseModel):
     unset: bool = False
 
 
-Metric = Literal["latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores",
+Metric = Literal["latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_used_cores",
+                 "cpu_requested_cores", "cpu_limit_cores", "cpu_per_1k_rps", "cpu_cores",
                  "cpu_reserved_cores"]
+#: Deprecated objective names → the name that says what they are (still accepted).
+DEPRECATED_METRICS = {"cpu_cores": "cpu_used_cores", "cpu_reserved_cores": "cpu_limit_cores"}
 
 
 class Objective(_Model):
     metric: Metric
     direction: Literal["minimize", "maximize"] = "minimize"
+
+    @field_validator("metric")
+    @classmethod
+    def _deprecated(cls, metric: str) -> str:
+        if metric in DEPRECATED_METRICS:
+            logger.warning("objective %s is deprecated: it is the CPU %s; write %s", metric,
+                           "used" if metric == "cpu_cores" else "limit (not what is reserved)",
+                           DEPRECATED_METRICS[metric])
+        return metric
 
 
 def _objective(value: Any) -> Any:
@@ -418,7 +432,7 @@ class StudySpec(_Model):
     sidecar: SidecarResources = SidecarResources()
     parameters: dict[str, ParamRange] = Field(min_length=1)
     objectives: list[Annotated[Objective, BeforeValidator(_objective)]] = Field(
-        default_factory=lambda: [Objective(metric="latency_p95_ms"), Objective(metric="cpu_cores")],
+        default_factory=lambda: [Objective(metric="latency_p95_ms"), Objective(metric="cpu_used_cores")],
         min_length=1,
     )
     constraints: Constraints = Constraints()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from autotune.load import LoadDriver, LoadResult, LocustDriver
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
+from autotune.study._cost import cost_metrics
 from autotune.study._progress import NullObserver, Observer
 from autotune.study._stats import aggregate
 from autotune.targets import ProxyUsage, Target
@@ -30,8 +31,10 @@ class Measurement:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def combine(load: LoadResult, usage: ProxyUsage, config: MeshConfig) -> dict[str, float]:
-    """Client-side load figures and the proxy's CPU over the same window, as flat metrics."""
+def combine(load: LoadResult, usage: ProxyUsage, config: MeshConfig,
+            request_default: float = 0.1) -> dict[str, float]:
+    """Client-side load figures and the proxy's CPU over the same window, as flat metrics
+    (``request_default``: the spec's ``sidecar.cpuRequest`` in cores)."""
     return {
         "latency_p50_ms": load.latency_p50_ms,
         "latency_p95_ms": load.latency_p95_ms,
@@ -47,6 +50,7 @@ def combine(load: LoadResult, usage: ProxyUsage, config: MeshConfig) -> dict[str
         "cpu_reserved_cores": config.effective_cpu_limit,
         "cpu_throttled_ratio": usage.throttled_ratio,
         "cpu_throttled_s": usage.throttled_s,
+        **cost_metrics(config, usage.cpu_cores, load.achieved_rps, request_default),
         **usage.extra,
     }
 
@@ -72,7 +76,8 @@ def _load_run(target: Target, spec: StudySpec, config: MeshConfig, windows: int,
     for r in results:
         for code, n in r.status_counts.items():
             counts[code] = counts.get(code, 0) + n
-    return [combine(r, u, config) for r, u in zip(results, usage, strict=True)], counts
+    request = spec.sidecar.cpu_request_cores
+    return [combine(r, u, config, request) for r, u in zip(results, usage, strict=True)], counts
 
 
 def measure_config(target: Target, spec: StudySpec, config: MeshConfig,

@@ -14,6 +14,10 @@ METRIC_LABELS: dict[str, str] = {
     "latency_p99_ms": "p99 ms",
     "cpu_cores": "CPU cores",
     "cpu_reserved_cores": "CPU limit",
+    "cpu_used_cores": "CPU used",
+    "cpu_requested_cores": "CPU request",
+    "cpu_limit_cores": "CPU limit",
+    "cpu_per_1k_rps": "CPU/1k rps",
 }
 #: Readable metric names, set on the study (``Study.set_metric_names``) for the dashboard's axes.
 METRIC_NAMES: dict[str, str] = {
@@ -22,6 +26,10 @@ METRIC_NAMES: dict[str, str] = {
     "latency_p99_ms": "p99 latency (ms)",
     "cpu_cores": "CPU used (cores)",
     "cpu_reserved_cores": "CPU limit (cores)",
+    "cpu_used_cores": "CPU used (cores)",
+    "cpu_requested_cores": "CPU request (cores)",
+    "cpu_limit_cores": "CPU limit (cores)",
+    "cpu_per_1k_rps": "CPU used per 1,000 rps (cores)",
 }
 CONSTRAINT_NAMES = ("error_rate", "throughput_ratio")
 
