@@ -338,3 +338,42 @@ def test_old_cost_names_are_accepted_with_a_deprecation_message(tmp_path: Path,
     with caplog.at_level("WARNING", logger="autotune.spec._models"):
         parse_spec(data, "spec.yaml")
     assert "deprecated" not in caplog.text
+
+
+def test_the_running_local_envoy_holds_istios_route_and_the_new_cluster_fields() -> None:
+    """On the real local target: the default route's retry policy, then a config with the new
+    knobs, as Envoy's admin reports them (the running config, not what was rendered)."""
+    from autotune.spec import LocalTargetSpec, UpstreamSpec
+    from autotune.targets.local import LocalTarget
+
+    target = LocalTarget(LocalTargetSpec(upstream=UpstreamSpec(endpoints=2, service_time_ms=0)), SERVICE)
+    target.start()
+    try:
+        def running() -> tuple[dict[str, Any], dict[str, Any]]:
+            assert target.envoy is not None
+            dump = json.loads(target.envoy.admin_get("/config_dump?resource=static_listeners"))
+            (listener,) = dump["configs"]
+            hcm = listener["listener"]["filter_chains"][0]["filters"][0]["typed_config"]
+            (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+            return route["route"], target.envoy.cluster_config(mesh.cluster_name(SERVICE))
+
+        action, cluster = running()
+        assert action["retry_policy"]["num_retries"] == 2
+        assert action["retry_policy"]["retry_on"] == mesh.DEFAULT_RETRY_ON
+        assert action["retry_policy"]["retry_host_predicate"][0]["name"] == mesh.PREVIOUS_HOSTS
+        assert "outlier_detection" not in cluster and cluster["lb_policy"] == "LEAST_REQUEST"
+
+        config = MeshConfig(retry_attempts=4, per_try_timeout_ms=250, consecutive_5xx_errors=3,
+                            max_ejection_percent=50, lb_simple="ROUND_ROBIN", connect_timeout_ms=750,
+                            idle_timeout_ms=30_000, no_cpu_limit=True)
+        target.apply(config)
+        target.wait_ready(30)
+        action, cluster = running()
+        assert action["retry_policy"]["num_retries"] == 4 and action["retry_policy"]["per_try_timeout"] == "0.250s"
+        assert cluster.get("lb_policy", "ROUND_ROBIN") == "ROUND_ROBIN"  # the enum's 0: JSON omits it
+        assert cluster["connect_timeout"] == "0.750s"
+        assert cluster["outlier_detection"]["consecutive_5xx"] == 3
+        assert cluster["outlier_detection"]["max_ejection_percent"] == 50
+        assert cluster["common_lb_config"]["healthy_panic_threshold"] == {}  # 0 %: proto3 JSON omits it
+    finally:
+        target.close()
