@@ -12,8 +12,12 @@ from autotune.spec._load import load_spec
 from autotune.spec._models import (
     DEFAULT_STORAGE,
     MAX_FILE_BYTES,
+    DEFAULT_SCENARIO,
+    SCENARIO_METRICS,
     Constraints,
     EndpointFault,
+    ConstraintSpec,
+    FaultSpec,
     KubernetesTargetSpec,
     LoadSpec,
     LocalTargetSpec,
@@ -21,6 +25,8 @@ from autotune.spec._models import (
     Objective,
     ParamRange,
     PrometheusSpec,
+    Scenario,
+    ScenarioSpec,
     SearchParam,
     ServiceTime,
     StudySettings,
@@ -28,14 +34,19 @@ from autotune.spec._models import (
     Timing,
     UpstreamSpec,
     parse_spec,
+    split_metric,
 )
 from autotune.spec._storage_url import check_storage_url
 
 __all__ = [
     "DEFAULT_STORAGE",
     "MAX_FILE_BYTES",
+    "DEFAULT_SCENARIO",
+    "SCENARIO_METRICS",
+    "ConstraintSpec",
     "Constraints",
     "EndpointFault",
+    "FaultSpec",
     "KubernetesTargetSpec",
     "LoadSpec",
     "LocalTargetSpec",
@@ -43,6 +54,8 @@ __all__ = [
     "Objective",
     "ParamRange",
     "PrometheusSpec",
+    "Scenario",
+    "ScenarioSpec",
     "SearchParam",
     "ServiceRef",
     "ServiceTime",
@@ -56,4 +69,5 @@ __all__ = [
     "load_spec",
     "parse_duration",
     "parse_spec",
+    "split_metric",
 ]

@@ -132,29 +132,57 @@ class SearchParam(BaseModel):
     unset: bool = False
 
 
-Metric = Literal["latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_used_cores",
-                 "cpu_requested_cores", "cpu_limit_cores", "cpu_per_1k_rps", "cpu_cores",
-                 "cpu_reserved_cores"]
+# -- objectives and constraints (scenario-aware; see "scenarios" below) -----------------------------
+
+#: What every scenario measures, by name; an objective or constraint names one, optionally
+#: prefixed by its scenario (``surge.goodput_rps``). Unprefixed names mean the first scenario.
+SCENARIO_METRICS = (
+    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
+    "latency_p50_corrected_ms", "latency_p95_corrected_ms", "latency_p99_corrected_ms",
+    "goodput_rps", "goodput_slo_rps", "error_rate", "achieved_rps", "throughput_ratio",
+    "cpu_used_cores", "cpu_requested_cores", "cpu_limit_cores", "cpu_per_1k_rps",
+    "cpu_cores", "cpu_reserved_cores",
+)
 #: Deprecated objective names → the name that says what they are (still accepted).
 DEPRECATED_METRICS = {"cpu_cores": "cpu_used_cores", "cpu_reserved_cores": "cpu_limit_cores"}
+#: Metrics that are better when larger: their objective is maximized unless a direction is given.
+MAXIMIZED_METRICS = frozenset({"goodput_rps", "goodput_slo_rps", "achieved_rps", "throughput_ratio"})
 
 
 class Objective(_Model):
-    metric: Metric
+    """One objective: a metric, ``[scenario.]name`` (see ``SCENARIO_METRICS``), and a direction
+    (default: maximize for goodput and throughput, minimize for the rest)."""
+
+    metric: str
     direction: Literal["minimize", "maximize"] = "minimize"
 
     @field_validator("metric")
     @classmethod
     def _deprecated(cls, metric: str) -> str:
-        if metric in DEPRECATED_METRICS:
+        name = metric.partition(".")[2] or metric
+        if name in DEPRECATED_METRICS:
             logger.warning("objective %s is deprecated: it is the CPU %s; write %s", metric,
-                           "used" if metric == "cpu_cores" else "limit (not what is reserved)",
-                           DEPRECATED_METRICS[metric])
+                           "used" if name == "cpu_cores" else "limit (not what is reserved)",
+                           metric.replace(name, DEPRECATED_METRICS[name]))
         return metric
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_direction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "direction" not in data and isinstance(data.get("metric"), str):
+            name = data["metric"].rpartition(".")[2]
+            return {**data, "direction": "maximize" if name in MAXIMIZED_METRICS else "minimize"}
+        return data
 
 
 def _objective(value: Any) -> Any:
-    return {"metric": value} if isinstance(value, str) else value
+    if isinstance(value, str):
+        return {"metric": value}
+    if isinstance(value, dict) and len(value) == 1:  # ``- surge.goodput_rps: maximize``
+        (metric, direction), = value.items()
+        if metric != "metric" and isinstance(direction, str):
+            return {"metric": metric, "direction": direction}
+    return value
 
 
 class Constraints(_Model):
@@ -162,6 +190,34 @@ class Constraints(_Model):
 
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     min_throughput_ratio: float = Field(default=0.95, ge=0, le=1)
+
+    def over(self, defaults: Constraints) -> Constraints:
+        """These rules where set, ``defaults`` for the rest."""
+        return defaults.model_copy(update={k: getattr(self, k) for k in self.model_fields_set})
+
+
+_RULE_KEYS = frozenset({"maxErrorRate", "max_error_rate", "minThroughputRatio", "min_throughput_ratio"})
+
+
+class ConstraintSpec(Constraints):
+    """``constraints:`` the rules every scenario must meet, and per scenario (by name) the rules
+    that differ there, e.g. ``{maxErrorRate: 0.01, surge: {minThroughputRatio: 0.5}}``."""
+
+    scenarios: dict[str, Constraints] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "scenarios" in data:
+            return data
+        return {**{k: v for k, v in data.items() if k in _RULE_KEYS},
+                "scenarios": {k: v for k, v in data.items() if k not in _RULE_KEYS}}
+
+    def rules_for(self, scenario: str) -> Constraints:
+        """The rules of one scenario: its own where given, the common ones otherwise."""
+        common = Constraints.model_validate(self.model_dump(include=set(Constraints.model_fields)))
+        own = self.scenarios.get(scenario)
+        return own.over(common) if own is not None else common
 
 
 class LoadSpec(_Model):
@@ -424,6 +480,86 @@ class MeasurementSpec(_Model):
         return self
 
 
+# -- scenarios -------------------------------------------------------------------------------------
+
+class FaultSpec(_Model):
+    """A service fault a scenario puts on ``endpoints`` of the upstream endpoints while it runs:
+    ``fail`` answers 503 to a ``rate`` of their requests, ``reset`` resets the connection for a
+    ``rate`` of them, ``slow`` adds ``extraMs`` to (or multiplies by ``factor``) their service time.
+    The target applies the faults before the scenario and clears them after
+    (``Target.set_service_faults``)."""
+
+    kind: Literal["fail", "reset", "slow"]
+    endpoints: int = Field(default=1, ge=1, le=16)
+    rate: float = Field(default=1.0, gt=0, le=1)
+    extra_ms: float | None = Field(default=None, ge=0, le=60000)
+    factor: float | None = Field(default=None, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> FaultSpec:
+        if self.kind == "slow" and self.extra_ms is None and self.factor is None:
+            raise ValueError("a slow fault needs extraMs or factor")
+        if self.kind != "slow" and (self.extra_ms is not None or self.factor is not None):
+            raise ValueError(f"extraMs and factor apply to kind slow, not {self.kind}")
+        return self
+
+
+class LoadOverride(_Model):
+    """A scenario's load: the fields given replace the top-level ``load``'s (a rate given here,
+    ``ratePerUser`` or ``targetRps``, replaces both of its rate fields)."""
+
+    users: int | None = Field(default=None, ge=1, le=5000)
+    rate_per_user: float | None = Field(default=None, gt=0)
+    target_rps: float | None = Field(default=None, gt=0)
+    path: str | None = Field(default=None, pattern=r"^/")
+
+
+class ScenarioSpec(_Model):
+    """One named scenario of a trial: a fixed load (``load`` over the top-level one), its own
+    ``warmup``, ``window`` and number of ``windows`` (default: ``timing`` and ``measurement``;
+    without ``windows`` the noise control adds windows up to ``maxRepeats``), a latency ``slo``
+    for ``goodput_slo_rps`` (default: the top-level ``slo``), and service ``faults``."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")
+    load: LoadOverride | None = None
+    warmup: Annotated[float, duration(at_most=600)] | None = None
+    window: Annotated[float, duration(at_most=3600, positive=True)] | None = None
+    windows: int | None = Field(default=None, ge=1, le=50)
+    slo: Annotated[float, duration(at_most=600, positive=True)] | None = None
+    faults: list[FaultSpec] = Field(default_factory=list, max_length=16)
+
+
+class Scenario(BaseModel):
+    """A scenario resolved against the spec's defaults (what a trial runs); ``windows`` is
+    ``None`` when the noise control decides (``measurement.repeats`` … ``maxRepeats``)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    load: LoadSpec
+    warmup: float
+    window: float
+    windows: int | None
+    slo_ms: float | None
+    faults: tuple[FaultSpec, ...] = ()
+    constraints: Constraints
+
+
+DEFAULT_SCENARIO = "steady"
+
+
+def split_metric(metric: str, scenarios: list[str]) -> tuple[str, str]:
+    """``(scenario, metric)`` of an objective's or column's name; unprefixed means the first
+    scenario. Raises ``ValueError`` naming the scenarios or metrics that exist."""
+    scenario, dot, name = metric.rpartition(".")
+    if not dot:
+        scenario = scenarios[0]
+    elif scenario not in scenarios:
+        raise ValueError(f"no scenario {scenario!r} (scenarios: {', '.join(scenarios)})")
+    if name not in SCENARIO_METRICS:
+        raise ValueError(f"unknown metric {name!r}; each scenario measures {', '.join(SCENARIO_METRICS)}")
+    return scenario, name
+
+
 class StudySpec(_Model):
     """A whole study spec file, valid by construction (see the module docstring)."""
 
@@ -435,14 +571,20 @@ class StudySpec(_Model):
         default_factory=lambda: [Objective(metric="latency_p95_ms"), Objective(metric="cpu_used_cores")],
         min_length=1,
     )
-    constraints: Constraints = Constraints()
+    constraints: ConstraintSpec = ConstraintSpec()
     load: LoadSpec = LoadSpec()
+    #: Latency SLO of ``goodput_slo_rps`` for every scenario without its own.
+    slo: Annotated[float, duration(at_most=600, positive=True)] | None = None
+    #: What a trial runs, in order, on the same applied config; default: one, ``steady``, the
+    #: top-level load and timing.
+    scenarios: list[ScenarioSpec] = Field(default_factory=list, max_length=16)
     timing: Timing = Timing()
     measurement: MeasurementSpec = MeasurementSpec()
     target: TargetSpec = LocalTargetSpec()
     #: Set by the loader: the file this spec came from (for relative paths and messages).
     source: str = Field(default="<memory>", exclude=True)
     _space: list[SearchParam] = PrivateAttr(default_factory=list)
+    _scenarios: list[Scenario] = PrivateAttr(default_factory=list)
 
     @field_validator("parameters")
     @classmethod
@@ -473,9 +615,64 @@ class StudySpec(_Model):
         self._space = [p for name, r in self.parameters.items()
                        if (p := _search_param(name, r)[0]) is not None]
         problems = self._cpu_request_rule() + self._window_rule() + self._locustfile_rule()
+        problems += self._scenario_rules()
         if problems:
             raise RuleBroken(problems)
+        self._scenarios = [self._resolve(i, s) for i, s in enumerate(self._scenario_specs())]
         return self
+
+    # -- scenarios (delimited: objectives, constraints and scenarios) ------------------------------
+    def _scenario_specs(self) -> list[ScenarioSpec]:
+        return self.scenarios or [ScenarioSpec(name=DEFAULT_SCENARIO)]
+
+    def _resolve(self, index: int, s: ScenarioSpec) -> Scenario:
+        load = self.load
+        if s.load is not None:
+            given = s.load.model_dump(exclude_unset=True)
+            base = self.load.model_dump()
+            if {"rate_per_user", "target_rps"} & given.keys():
+                base.pop("rate_per_user"), base.pop("target_rps")
+            load = LoadSpec.model_validate({**base, **given})
+        return Scenario(name=s.name, load=load,
+                        warmup=self.timing.warmup if s.warmup is None else s.warmup,
+                        window=self.timing.window if s.window is None else s.window,
+                        windows=s.windows, slo_ms=None if (slo := s.slo or self.slo) is None else slo * 1000,
+                        faults=tuple(s.faults), constraints=self.constraints.rules_for(s.name))
+
+    def _scenario_rules(self) -> list[tuple[str, str]]:
+        """Scenario names unique; constraints and objectives name scenarios and metrics that exist;
+        a goodput_slo_rps objective has an SLO; faults fit the local upstream."""
+        specs = self._scenario_specs()
+        names = [s.name for s in specs]
+        problems: list[tuple[str, str]] = []
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                problems.append((f"scenarios[{i}].name", f"{n!r} is already scenarios[{names.index(n)}]"))
+        for key in self.constraints.scenarios:
+            if key not in names:
+                problems.append((f"constraints.{key}", f"no scenario {key!r} (scenarios: {', '.join(names)})"))
+        slo = {s.name: (s.slo or self.slo) for s in specs}
+        for i, o in enumerate(self.objectives):
+            try:
+                scenario, metric = split_metric(o.metric, names)
+            except ValueError as exc:
+                problems.append((f"objectives[{i}].metric", str(exc)))
+                continue
+            if metric == "goodput_slo_rps" and slo[scenario] is None:
+                problems.append((f"objectives[{i}].metric", f"goodput_slo_rps needs a latency SLO: set slo "
+                                 f"at the top level or on scenario {scenario!r}"))
+        if isinstance(self.target, LocalTargetSpec):
+            have = self.target.upstream.endpoints
+            for i, s in enumerate(specs):
+                for j, f in enumerate(s.faults):
+                    if f.endpoints > have:
+                        problems.append((f"scenarios[{i}].faults[{j}].endpoints",
+                                         f"must be <= target.upstream.endpoints ({have}), got {f.endpoints}"))
+        return problems
+
+    def scenario_list(self) -> list[Scenario]:
+        """The scenarios a trial runs, in order, resolved (at least one: ``steady``)."""
+        return list(self._scenarios)
 
     def _cpu_request_rule(self) -> list[tuple[str, str]]:
         cpu = next((p for p in self._space if p.name == "proxy.cpuLimit"), None)
