@@ -12,6 +12,8 @@ from autotune.spec import LoadSpec
 
 #: Called with the window's index (0-based) at the window's start or end.
 WindowFn = Callable[[int], None]
+#: Called with a window's index and result right after ``on_window_end``; ``True`` ends the run there.
+StopFn = Callable[[int, LoadResult], bool]
 #: The built-in paced locustfile.
 BUILTIN_LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -33,6 +35,9 @@ class LoadDriver(Protocol):
     - raises ``TrialFailed(FailReason.LOAD, …)`` when the load itself fails (did not start, died,
       timed out after ``timeout_s``, recorded nothing); an unreachable URL is not a failure but
       an error rate of 1;
+    - ``stop_after(i, result)``, if given, is called right after ``on_window_end(i)`` with that
+      window's result; when it returns ``True`` the run ends there and returns the results so
+      far (early abort: the remaining windows are not run);
     - on any exception, ``KeyboardInterrupt`` and exceptions from the callbacks included, it stops
       and removes everything it started before re-raising.
 
@@ -41,7 +46,7 @@ class LoadDriver(Protocol):
 
     def run(self, url: str, load: LoadSpec, *, warmup_s: float, window_s: float, windows: int,
             on_window_start: WindowFn, on_window_end: WindowFn, progress: ProgressFn | None = None,
-            timeout_s: float | None = None) -> list[LoadResult]:
+            timeout_s: float | None = None, stop_after: StopFn | None = None) -> list[LoadResult]:
         """One warm-up and ``windows`` measured windows of ``load`` against ``url``."""
         ...
 
@@ -55,8 +60,8 @@ class LocustDriver:
 
     def run(self, url: str, load: LoadSpec, *, warmup_s: float, window_s: float, windows: int,
             on_window_start: WindowFn, on_window_end: WindowFn, progress: ProgressFn | None = None,
-            timeout_s: float | None = None) -> list[LoadResult]:
+            timeout_s: float | None = None, stop_after: StopFn | None = None) -> list[LoadResult]:
         """See :class:`LoadDriver`."""
         return run_load_windows(url, load, self.locustfile, warmup_s=warmup_s, window_s=window_s, windows=windows,
                                 on_window_start=on_window_start, on_window_end=on_window_end,
-                                progress=progress, timeout_s=timeout_s)
+                                progress=progress, timeout_s=timeout_s, stop_after=stop_after)

@@ -70,6 +70,11 @@ class _Records:
     statuses: npt.NDArray[np.int32]
     failed: npt.NDArray[np.bool_]
     truncated: bool
+    #: Wall-clock time each request's schedule said it was due (NaN: unscheduled), the number of
+    #: slots it stands for (1 + slots dropped before it) and the schedule's period (s).
+    dues: npt.NDArray[np.float64]
+    slots: npt.NDArray[np.int64]
+    period: float
 
 
 def run_load_windows(
@@ -84,6 +89,7 @@ def run_load_windows(
     on_window_end: Callable[[int], None],
     progress: ProgressFn | None = None,
     timeout_s: float | None = None,
+    stop_after: Callable[[int, LoadResult], bool] | None = None,
 ) -> list[LoadResult]:
     """Run ``load`` against ``url`` with ``locustfile``: one warm-up, then ``windows`` back-to-back
     measurement windows of ``window_s`` each; return the figures of each window.
@@ -99,6 +105,9 @@ def run_load_windows(
     ``"warmup"`` or ``"measure"`` and fraction 0..1.
 
     ``timeout_s`` bounds the whole run (default: warm-up + duration + 60 s).
+
+    ``stop_after(i, result)``, if given, is called after ``on_window_end(i)`` with window ``i``'s
+    figures (Locust is asked for its records so far, ``SIGUSR1``); ``True`` ends the run there.
 
     Any http(s) URL is accepted: the target decides where load may go (``Target.load_url``).
     Raises ``TrialFailed(FailReason.LOAD, …)`` (with the tail of Locust's stderr) if Locust does not
@@ -141,6 +150,7 @@ def run_load_windows(
         _sleep_until(t0 + warmup_s, t0, warmup_s, "warmup", proc, stderr_path,
                      deadline, progress)
         spans: list[tuple[float, float]] = []
+        flushes = 0
         next_start = time.time()
         for i in range(windows):
             window_start = next_start
@@ -151,6 +161,12 @@ def run_load_windows(
             window_end = time.time()
             on_window_end(i)
             spans.append((window_start, window_end))
+            if stop_after is not None:
+                flushes = _flush(proc, results, stderr_path, deadline, flushes)
+                window = _summarise(_read_records(results, stderr_path), window_start, window_end,
+                                    load.offered_rps)
+                if stop_after(i, window):
+                    break
             # The next window starts once the callback is back: a target may block in end_window
             # (Kubernetes waits for Prometheus to scrape past the end), and the two must agree.
             next_start = time.time()
@@ -278,6 +294,25 @@ def _stop(proc: subprocess.Popen[bytes], stderr_path: Path, deadline: float) -> 
         raise TrialFailed(FailReason.LOAD, f"Locust exited with code {code}. {_tail(stderr_path)}")
 
 
+def _flush(proc: subprocess.Popen[bytes], results: Path, stderr_path: Path, deadline: float,
+           seen: int) -> int:
+    """Ask the locustfile for its records so far (``SIGUSR1``) and wait until it wrote them;
+    return the new write count (the header's ``flush``)."""
+    os.kill(proc.pid, signal.SIGUSR1)
+    limit = min(deadline, time.monotonic() + EXIT_TIMEOUT_S)
+    while True:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with results.open("rb") as f:
+                flush = int(json.loads(f.readline()).get("flush", 0))
+            if flush > seen:
+                return flush
+        _check_alive(proc, stderr_path, "while writing its records")
+        if time.monotonic() > limit:
+            raise TrialFailed(FailReason.LOAD, "Locust did not write its records when asked (a custom "
+                              f"locustfile must `import autotune.load.locustfile`). {_tail(stderr_path)}")
+        time.sleep(_POLL_S / 5)
+
+
 def _read_records(path: Path, stderr_path: Path) -> _Records:
     """Parse the locustfile's results file (format in ``locustfile.py``)."""
     try:
@@ -288,8 +323,9 @@ def _read_records(path: Path, stderr_path: Path) -> _Records:
         head_end = blob.index(b"\n")
         header = json.loads(blob[:head_end])
         n = int(header["count"])
-        if header.get("version") != 1:
-            raise ValueError(f"unknown version {header.get('version')!r}")
+        version = header.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"unknown version {version!r}")
         off = head_end + 1
         ends = np.frombuffer(blob, dtype="<f8", count=n, offset=off)
         off += 8 * n
@@ -298,6 +334,14 @@ def _read_records(path: Path, stderr_path: Path) -> _Records:
         statuses = np.frombuffer(blob, dtype="<i4", count=n, offset=off)
         off += 4 * n
         failed = np.frombuffer(blob, dtype=np.uint8, count=n, offset=off)
+        off += n
+        if version == 2:
+            dues = np.frombuffer(blob, dtype="<f8", count=n, offset=off).astype(np.float64)
+            off += 8 * n
+            slots = np.frombuffer(blob, dtype="<u4", count=n, offset=off).astype(np.int64)
+        else:
+            dues, slots = np.full(n, np.nan), np.ones(n, dtype=np.int64)
+        period = float(header.get("period") or 0.0)
     except (ValueError, KeyError, TypeError) as exc:
         raise TrialFailed(FailReason.LOAD, f"unreadable Locust results: {exc}") from None
     if n == 0:
@@ -310,6 +354,7 @@ def _read_records(path: Path, stderr_path: Path) -> _Records:
         statuses=statuses.astype(np.int32),
         failed=failed.astype(bool),
         truncated=bool(header.get("truncated")),
+        dues=dues, slots=np.maximum(slots, 1), period=period,
     )
 
 
@@ -318,12 +363,12 @@ def _summarise(records: _Records, start: float, end: float, offered_rps: float) 
     inside = (records.ends >= start) & (records.ends <= end)
     statuses = records.statuses[inside]
     failed = records.failed[inside] | (statuses < 200) | (statuses >= 300)
-    ok_lat = records.latencies_ms[inside][~failed]
-    ok_lat = ok_lat[np.isfinite(ok_lat)]
-    if ok_lat.size:
-        p50, p95, p99 = (float(v) for v in np.percentile(ok_lat, [50.0, 95.0, 99.0]))
-    else:
-        p50 = p95 = p99 = math.nan
+    ok = np.flatnonzero(inside)[~failed]
+    ok = ok[np.isfinite(records.latencies_ms[ok])]
+    ok_lat = records.latencies_ms[ok]
+    p50, p95, p99 = _percentiles(ok_lat)
+    samples, own = _corrected(records, ok)
+    c50, c95, c99 = _percentiles(samples) if samples is not None else (math.nan,) * 3
     codes, counts = np.unique(statuses, return_counts=True)
     status_counts = {
         ("error" if int(c) == 0 else str(int(c))): int(k)
@@ -341,4 +386,38 @@ def _summarise(records: _Records, start: float, end: float, offered_rps: float) 
         latency_p95_ms=p95,
         latency_p99_ms=p99,
         status_counts=status_counts,
+        latency_p50_corrected_ms=c50,
+        latency_p95_corrected_ms=c95,
+        latency_p99_corrected_ms=c99,
+        ok_latencies_ms=tuple(float(v) for v in np.sort(own if own is not None else ok_lat)),
     )
+
+
+def _percentiles(latencies: npt.NDArray[np.float64]) -> tuple[float, float, float]:
+    if not latencies.size:
+        return math.nan, math.nan, math.nan
+    p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50.0, 95.0, 99.0]))
+    return p50, p95, p99
+
+
+def _corrected(records: _Records, ok: npt.NDArray[np.intp]
+               ) -> tuple[npt.NDArray[np.float64] | None, npt.NDArray[np.float64] | None]:
+    """Latencies free of coordinated omission of the successful requests ``ok`` (indices):
+    ``(samples, own)``. ``samples`` has one latency per schedule slot — a request that stands for
+    ``k`` slots (``k - 1`` dropped while its user was stuck) gives ``end - slot_j`` for each of
+    them; ``own`` one per request, from its own slot. Unscheduled requests count with their raw
+    latency; ``(None, None)`` when no request was scheduled."""
+    dues = records.dues[ok]
+    scheduled = np.isfinite(dues)
+    if not scheduled.any() or records.period <= 0:
+        return None, None
+    ends, slots, raw = records.ends[ok][scheduled], records.slots[ok][scheduled], records.latencies_ms[ok]
+    first = np.repeat(np.cumsum(slots) - slots, slots)
+    j = np.arange(int(slots.sum())) - first
+    rep = np.repeat(np.arange(slots.size), slots)
+    samples = (ends[rep] - dues[scheduled][rep] - j * records.period) * 1000.0
+    own = (ends - dues[scheduled] - (slots - 1) * records.period) * 1000.0
+    unscheduled = raw[~scheduled]
+    # A request is never faster than its own response (clock steps aside).
+    own = np.maximum(own, raw[scheduled])
+    return np.concatenate([samples, unscheduled]), np.concatenate([own, unscheduled])

@@ -19,19 +19,26 @@ Environment variables (all set by the runner; the defaults make the file usable 
 Pacing: each user sends one request every ``1/AUTOTUNE_RATE`` s on a fixed schedule (no drift;
 if a request overruns its slot the next one starts at once, and a user that falls more than a
 whole period behind drops the missed slots rather than bursting to catch up, so an overloaded
-target shows up as a lower achieved rate). Users are staggered: user *i* waits
+target shows up as a lower achieved rate). Each request carries its schedule: the slot it was
+due at (the earliest slot missed, when slots were dropped) and how many slots it stands for
+(1 + the slots dropped before it), so the runner can measure latency free of coordinated
+omission (from when the schedule said each request should start). Users are staggered: user *i* waits
 ``frac(i·φ)/rate`` before its first request (a low-discrepancy spread over one period), so the
 load is smooth rather than arriving in bursts of ``users`` requests.
 
 Recording: a listener on ``events.request`` keeps, for every request, the wall-clock end time
 (``time.time()``), the raw response time in ms (float, sub-ms resolution, not Locust's rounded
 statistics), the HTTP status (0 when no response arrived) and whether it failed (an exception or
-a non-2xx status — a 503 from a circuit breaker is a failure).
+a non-2xx status — a 503 from a circuit breaker is a failure), and from the request's
+``context`` the wall-clock time its schedule said it was due (NaN when unscheduled) and the
+number of slots it stands for.
 
-Results file format (version 1): one JSON header line
-``{"version": 1, "count": n, "truncated": bool, "start": t0}\\n`` followed by ``n`` little-endian
-float64 end times, ``n`` float64 response times (ms), ``n`` int32 statuses and ``n`` uint8
-failure flags. It is written atomically on ``test_stop`` and again on ``quitting``.
+Results file format (version 2): one JSON header line
+``{"version": 2, "count": n, "truncated": bool, "start": t0, "period": s, "flush": k}\\n``
+followed by ``n`` little-endian float64 end times, ``n`` float64 response times (ms), ``n``
+int32 statuses, ``n`` uint8 failure flags, ``n`` float64 due times and ``n`` uint32 slot
+counts. It is written atomically on ``test_stop``, on ``quitting`` and on ``SIGUSR1`` (the
+runner's request for the records so far; ``flush`` counts the writes).
 
 Custom locustfiles: to be measured by autotune a locustfile must produce the marker and the
 results. Add this one line to yours::
@@ -79,6 +86,9 @@ class _Recorder:
         self.latencies = array("d")
         self.statuses = array("i")
         self.failed = array("B")
+        self.dues = array("d")
+        self.slots = array("I")
+        self.flushes = 0
         self.truncated = False
         self.start: float | None = None
         self.max_records = int(_env_float("AUTOTUNE_MAX_RECORDS", 5_000_000))
@@ -89,7 +99,7 @@ class _Recorder:
     # -- listeners ---------------------------------------------------------------------------
     def on_request(
         self, response_time: float | None = None, response: object = None,
-        exception: BaseException | None = None, **_: object,
+        exception: BaseException | None = None, context: object = None, **_: object,
     ) -> None:
         """Record one finished request (called by Locust for every request of every user)."""
         end = time.time()
@@ -105,6 +115,9 @@ class _Recorder:
         self.latencies.append(float(response_time) if response_time is not None else math.nan)
         self.statuses.append(status)
         self.failed.append(1 if exception is not None or not 200 <= status < 300 else 0)
+        ctx = context if isinstance(context, dict) else {}
+        self.dues.append(float(ctx.get("autotune_due", math.nan)))
+        self.slots.append(int(ctx.get("autotune_slots", 1)))
 
     def on_test_start(self, environment: object = None, **_: object) -> None:
         """Write the started marker and arm the parent watchdog."""
@@ -122,11 +135,14 @@ class _Recorder:
         """Write all records to ``AUTOTUNE_RESULTS`` (idempotent; the last call wins)."""
         if not self.results_path:
             return
+        self.flushes += 1
         header = {
-            "version": 1,
+            "version": 2,
             "count": len(self.ends),
             "truncated": self.truncated,
             "start": self.start,
+            "period": 1.0 / _env_float("AUTOTUNE_RATE", 10.0),
+            "flush": self.flushes,
         }
         blob = b"".join(
             [
@@ -135,12 +151,15 @@ class _Recorder:
                 _le_bytes(self.latencies),
                 _le_bytes(self.statuses),
                 self.failed.tobytes(),
+                _le_bytes(self.dues),
+                _le_bytes(self.slots),
             ]
         )
         _atomic_write(self.results_path, blob)
 
 
 def _le_bytes(a: array[int] | array[float]) -> bytes:
+    # array("I") is 4 bytes on every platform CPython supports (checked at import below).
     if sys.byteorder == "little":
         return a.tobytes()
     b = a[:]  # a copy
@@ -179,6 +198,8 @@ if not getattr(events, _MARK, None):
     _listen(events.test_start, _recorder.on_test_start)
     _listen(events.test_stop, _recorder.on_stop)
     _listen(events.quitting, _recorder.on_stop)
+    assert array("I").itemsize == 4
+    gevent.signal_handler(signal.SIGUSR1, _recorder.on_stop)  # the runner asks for the records so far
 
 
 class PacedUser(FastHttpUser):
@@ -194,15 +215,23 @@ class PacedUser(FastHttpUser):
         offset = ((next(PacedUser._index) * _GOLDEN) % 1.0) * self.period
         gevent.sleep(offset)
         self._next_due = time.monotonic()
+        self._first_due = self._next_due  # the earliest slot the next request stands for
+        self._slots = 1
 
     def wait_time(self) -> float:
-        """Seconds until this user's next slot; 0 if late, skipping slots more than a period old."""
+        """Seconds until this user's next slot; 0 if late. Slots more than a period old are
+        dropped (the schedule keeps its phase); the next request stands for them."""
         now = time.monotonic()
         self._next_due += self.period
+        self._first_due, self._slots = self._next_due, 1
         if self._next_due < now - self.period:
-            self._next_due = now
+            dropped = math.floor((now - self._next_due) / self.period)
+            self._next_due += dropped * self.period
+            self._slots += dropped
         return max(0.0, self._next_due - now)
 
     @task
     def get(self) -> None:
-        self.client.get(self.path, name=self.path)
+        due = time.time() - (time.monotonic() - self._first_due)
+        self.client.get(self.path, name=self.path,
+                        context={"autotune_due": due, "autotune_slots": self._slots})

@@ -10,9 +10,9 @@ from autotune.mesh import ServiceRef, SidecarResources
 from autotune.spec._duration import format_duration, parse_duration
 from autotune.spec._load import load_spec
 from autotune.spec._models import (
+    DEFAULT_SCENARIO,
     DEFAULT_STORAGE,
     MAX_FILE_BYTES,
-    DEFAULT_SCENARIO,
     SCENARIO_METRICS,
     Constraints,
     EndpointFault,
@@ -39,9 +39,9 @@ from autotune.spec._models import (
 from autotune.spec._storage_url import check_storage_url
 
 __all__ = [
+    "DEFAULT_SCENARIO",
     "DEFAULT_STORAGE",
     "MAX_FILE_BYTES",
-    "DEFAULT_SCENARIO",
     "SCENARIO_METRICS",
     "ConstraintSpec",
     "Constraints",

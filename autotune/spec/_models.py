@@ -460,7 +460,8 @@ class MeasurementSpec(_Model):
     of its p95 beyond ``drift_threshold`` is reported, and each trial is compared with the
     nearest baseline. At the end, the Pareto configs and the baseline are re-measured interleaved
     (``confirm_rounds`` rounds of A B1 B2 …) and a config is *confirmed* only if its gain over
-    the baseline holds at ``confidence``.
+    the baseline holds at ``confidence``. With ``early_abort``, a config that breaks a constraint
+    in the first window of a scenario is not measured further (see ``early_abort``).
     """
 
     repeats: int = Field(default=3, ge=1, le=50)
@@ -471,6 +472,10 @@ class MeasurementSpec(_Model):
     confirm_rounds: int = Field(default=3, ge=0, le=20)
     confirm_max_configs: int = Field(default=4, ge=1, le=50)
     confidence: float = Field(default=0.90, gt=0.5, lt=1)
+    #: A config (not the baseline) that breaks a constraint in the first window of a scenario
+    #: stops there: its remaining windows and scenarios are skipped, and the trial is recorded
+    #: infeasible with the constraint values measured (``aborted_after``).
+    early_abort: bool = True
 
     @model_validator(mode="after")
     def _bounds(self) -> MeasurementSpec:

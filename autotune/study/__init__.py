@@ -28,6 +28,8 @@ from autotune.study._objectives import (
     METRIC_LABELS,
     METRIC_NAMES,
     constraint_values,
+    metric_label,
+    metric_name,
     objective_values,
     violations,
 )
@@ -79,6 +81,8 @@ __all__ = [
     "make_sampler",
     "make_storage",
     "measure_config",
+    "metric_label",
+    "metric_name",
     "objective_values",
     "open_study",
     "outcome_of",

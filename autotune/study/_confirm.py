@@ -21,7 +21,7 @@ from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
 from autotune.study._front import pareto_trials
 from autotune.study._measure import default_driver, measure_config
-from autotune.study._objectives import violations
+from autotune.study._objectives import lookup, violations
 from autotune.study._progress import NullObserver, Observer
 from autotune.study._record import (
     Confirmation,
@@ -81,7 +81,7 @@ def _measure(target: Target, spec: StudySpec, config: MeshConfig, obs: Observer,
              load: LoadDriver) -> dict[str, float] | None:
     """One window of one config; ``None`` (and the baseline restored) if it failed."""
     try:
-        return measure_config(target, spec, config, obs, repeats=1, load=load).metrics
+        return measure_config(target, spec, config, obs, repeats=1, load=load, early_abort=False).metrics
     except TrialFailed as exc:
         logger.warning("confirmation run of %s failed: %s", config.describe(), exc)
         try:
@@ -97,7 +97,8 @@ def _evaluate(spec: StudySpec, key: list[int], runs: dict[str, list[dict[str, fl
     entry per round, ``None`` for a failed run)."""
     base_runs = runs["baseline"]
     results = {number: _decide(spec, number, base_runs, runs[str(number)], metrics) for number in key}
-    baseline = {m: [r[m] if r else None for r in base_runs] for m in metrics}
+    first = spec.scenario_list()[0].name
+    baseline = {m: [lookup(r, m, first) if r else None for r in base_runs] for m in metrics}
     return Confirmation(trials=list(key), rounds=len(base_runs), confidence=spec.measurement.confidence,
                         baseline=baseline, results=results)
 
@@ -108,14 +109,15 @@ def _decide(spec: StudySpec, number: int, base_runs: list[dict[str, float] | Non
     baseline were measured, and whether that confirms it."""
     directions: dict[str, str] = {o.metric: o.direction for o in spec.objectives}
     pairs = [(a, b) for a, b in zip(base_runs, cand, strict=True) if a is not None and b is not None]
-    infeasible = sum(1 for b in cand if b is None or violations(spec.constraints, b))
+    infeasible = sum(1 for b in cand if b is None or violations(spec.scenario_list(), b))
     changes: dict[str, ObjectiveChange] = {}
     improved = False
     for m in metrics:
         if len(pairs) < 2:
             continue
-        change = paired_change([a[m] for a, _ in pairs], [b[m] for _, b in pairs],
-                               spec.measurement.confidence)
+        first = spec.scenario_list()[0].name
+        change = paired_change([lookup(a, m, first) for a, _ in pairs],
+                               [lookup(b, m, first) for _, b in pairs], spec.measurement.confidence)
         changes[m] = ObjectiveChange(round(change.mean_pct, 2), round(change.low_pct, 2),
                                      round(change.high_pct, 2))
         improved = improved or change.improves(directions[m])

@@ -30,9 +30,9 @@ from autotune.study._front import baseline_trial, pareto_trials
 from autotune.study._lease import StudyLease
 from autotune.study._measure import Measurement, default_driver, measure_config
 from autotune.study._objectives import (
-    CONSTRAINT_NAMES,
-    METRIC_NAMES,
     constraint_values,
+    lookup,
+    metric_name,
     objective_values,
     violations,
 )
@@ -53,8 +53,8 @@ from autotune.targets import Target, make_target
 logger = logging.getLogger(__name__)
 INTERRUPTED = FailReason.INTERRUPTED.value
 #: Metrics whose per-window values and spread are recorded on each trial.
-SPREAD_KEYS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "achieved_rps",
-               "throughput_ratio", "error_rate")
+SPREAD_KEYS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_p99_corrected_ms",
+               "cpu_cores", "achieved_rps", "goodput_rps", "throughput_ratio", "error_rate")
 
 
 def suggest(trial: Trial, space: list[SearchParam]) -> MeshConfig:
@@ -116,7 +116,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
             f"study {spec.study.name!r} already exists with objectives {existing}, not {metrics}; "
             "choose another name with --study-name"
         )
-    study.set_metric_names([METRIC_NAMES.get(m, m) for m in metrics])  # the dashboard's axis titles
+    study.set_metric_names([metric_name(m) for m in metrics])  # the dashboard's axis titles
     return study
 
 
@@ -192,11 +192,16 @@ class _Objective:
         config = MeshConfig() if baseline else suggest(trial, self.space)
         record = self._start(trial, config, baseline, drift_check)
         try:
-            measured = measure_config(self.target, self.spec, config, self.observer, load=self.load)
-            try:
-                values = objective_values(self.spec.objectives, measured.metrics)
-            except ValueError as exc:
-                raise TrialFailed(FailReason.NO_SUCCESS, str(exc)) from None
+            measured = measure_config(self.target, self.spec, config, self.observer, load=self.load,
+                                      early_abort=None if not baseline else False)
+            first = self.spec.scenario_list()[0].name
+            if measured.aborted is not None:
+                values = self._aborted_values(trial, measured)
+            else:
+                try:
+                    values = objective_values(self.spec.objectives, measured.metrics, first)
+                except ValueError as exc:
+                    raise TrialFailed(FailReason.NO_SUCCESS, str(exc)) from None
             self._finish(trial, record, measured)
             # Artifacts (manifests, windows, latency chart) for the dashboard, once the trial is
             # recorded (an upload error is logged, never fatal).
@@ -208,6 +213,23 @@ class _Objective:
         except BaseException as exc:
             self._fail(trial, record, _reason_of(exc), _describe(exc))
             raise
+        return values
+
+    def _aborted_values(self, trial: Trial, m: Measurement) -> list[float]:
+        """Objective values of a trial stopped by an early abort (infeasible by its constraints,
+        which is what the samplers learn from): each objective's measured value where its
+        scenario ran, else a finite placeholder — the worst value of that objective among the
+        study's completed trials (0 when there is none)."""
+        first = self.spec.scenario_list()[0].name
+        done = [t.values for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values is not None]
+        values = []
+        for i, o in enumerate(self.spec.objectives):
+            value = lookup(m.metrics, o.metric, first)
+            if not math.isfinite(value):
+                seen = [v[i] for v in done if math.isfinite(v[i])]
+                value = (max(seen) if o.direction == "minimize" else min(seen)) if seen else 0.0
+            values.append(value)
         return values
 
     def _write(self, trial: Trial, record: TrialRecord, doing: str) -> None:
@@ -235,16 +257,18 @@ class _Objective:
         """Record the measurement: the constraints, then every record key (retried within the
         storage's bound). If the storage refuses, the measured figures are logged on one line
         before the ``StorageError`` goes up."""
-        rules = self.spec.constraints
+        scenarios = self.spec.scenario_list()
         done = replace(
-            record, metrics=m.metrics, violations=violations(rules, m.metrics),
+            record, metrics=m.metrics, violations=violations(scenarios, m.metrics),
             status_counts=m.status_counts, observed=m.observed,
             timings={k: round(v, 3) for k, v in m.timings.items()},
-            spread_cv={k: round(v, 4) for k, v in m.spread.items() if k in SPREAD_KEYS},
-            windows=[{k: round(w[k], 4) for k in SPREAD_KEYS} for w in m.windows],
+            spread_cv={k: round(v, 4) for k, v in m.spread.items()
+                       if k.rpartition(".")[2] in SPREAD_KEYS},
+            windows=[{k: round(w[k], 4) for k in SPREAD_KEYS if k in w} for w in m.windows],
             drift_pct=self._drift_pct(trial, m.metrics) if record.drift_check else None,
+            aborted_after=m.aborted.to_dict() if m.aborted is not None else None,
         )
-        constraints = list(zip(CONSTRAINT_NAMES, constraint_values(rules, m.metrics), strict=True))
+        constraints = constraint_values(scenarios, m.metrics)
 
         def write() -> None:
             for name, value in constraints:

@@ -4,8 +4,9 @@ A trial's record is flat in ``Trial.user_attrs`` so that optuna-dashboard shows 
 column: ``config`` (the Istio-named values; ``{}`` for the baseline), ``envoy_concurrency``,
 ``baseline`` / ``drift_check`` (set when the trial is enqueued), the two manifests by file name,
 one key per metric (``None`` when not finite), ``violations``, ``status_counts``, ``observed``,
-``timings``, ``spread_cv``, ``windows``, ``drift_pct``, ``fail_reason``, ``fail_message`` and
-``worker`` (the lease token of the run that measured it, see ``_lease``).
+``timings``, ``spread_cv``, ``windows``, ``drift_pct``, ``aborted_after`` (where an early abort
+stopped the trial: scenario, window, what was skipped, ``saved_s``), ``fail_reason``,
+``fail_message`` and ``worker`` (the lease token of the run that measured it, see ``_lease``).
 Feasibility is not a user attribute: it is read from the constraints the loop sets with
 ``Trial.set_constraint`` (Optuna stores them as system attributes, ``FrozenTrial.constraints``).
 
@@ -33,6 +34,7 @@ _CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK = "config", "envoy_concurrency", 
 _VIOLATIONS, _STATUS, _OBSERVED, _TIMINGS = "violations", "status_counts", "observed", "timings"
 _SPREAD, _WINDOWS, _DRIFT_PCT = "spread_cv", "windows", "drift_pct"
 _FAIL_REASON, _FAIL_MESSAGE, _WORKER = "fail_reason", "fail_message", "worker"
+_ABORTED = "aborted_after"
 logger = logging.getLogger(__name__)
 #: The manifests stored with each trial, by file name (``virtualservice.yaml`` only when a route
 #: setting is tuned).
@@ -40,7 +42,7 @@ MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml", "virtualservice.ya
 #: Keys that are not metrics (``feasible`` was written by older versions and is ignored).
 _NOT_METRICS = frozenset({_CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK, _VIOLATIONS, _STATUS,
                           _OBSERVED, _TIMINGS, _SPREAD, _WINDOWS, _DRIFT_PCT, _FAIL_REASON,
-                          _FAIL_MESSAGE, _WORKER, "feasible", *MANIFESTS})
+                          _FAIL_MESSAGE, _WORKER, _ABORTED, "feasible", *MANIFESTS})
 #: A failure message is cut to its last this many characters.
 MESSAGE_CHARS = 2000
 
@@ -67,6 +69,7 @@ class TrialRecord:
     timings: dict[str, float] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     drift_pct: float | None = None
+    aborted_after: dict[str, object] | None = None
     fail_reason: FailReason | None = None
     fail_message: str | None = None
     worker: str | None = None
@@ -107,6 +110,8 @@ class TrialRecord:
                           _SPREAD: self.spread_cv, _WINDOWS: self.windows})
         if self.drift_pct is not None:
             attrs[_DRIFT_PCT] = self.drift_pct
+        if self.aborted_after is not None:
+            attrs[_ABORTED] = self.aborted_after
         if self.fail_reason is not None:
             attrs[_FAIL_REASON] = self.fail_reason.value
         if self.fail_message is not None:
@@ -132,6 +137,7 @@ class TrialRecord:
             observed=dict(ua.get(_OBSERVED) or {}), timings=dict(ua.get(_TIMINGS) or {}),
             violations=list(ua.get(_VIOLATIONS) or []),
             drift_pct=None if drift is None else float(drift),
+            aborted_after=dict(ua[_ABORTED]) if isinstance(ua.get(_ABORTED), dict) else None,
             fail_reason=_reason(reason), fail_message=ua.get(_FAIL_MESSAGE),
             worker=ua.get(_WORKER), feasible=is_feasible(trial),
         )

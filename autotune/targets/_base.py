@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Protocol
 
+from autotune.errors import UnsupportedParameter
 from autotune.mesh import PARAMETERS, MeshConfig
-from autotune.spec import SearchParam
+from autotune.spec import FaultSpec, SearchParam
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,19 @@ class Target(ABC):
 
     def check_supported(self, space: list[SearchParam]) -> None:  # noqa: B027 - optional hook
         """Raise ``UnsupportedParameter`` if a parameter of ``space`` cannot be enforced here."""
+
+    #: Whether :meth:`set_service_faults` can put faults in force (checked before a study starts).
+    supports_service_faults: bool = False
+
+    def set_service_faults(self, faults: Sequence[FaultSpec]) -> None:
+        """Put a scenario's service faults in force on the upstream endpoints (the study calls it
+        before the scenario's load, and with ``()`` after it, whatever happened). ``()`` clears
+        them and is always allowed. A target that cannot misbehave its service raises
+        ``UnsupportedParameter`` (the default) — never silently measures without the faults."""
+        if faults:
+            raise UnsupportedParameter(
+                f"the {self.name} target cannot apply service faults (scenario faults: "
+                f"{', '.join(f.kind for f in faults)}); remove them from the spec's scenarios")
 
     @abstractmethod
     def apply(self, config: MeshConfig) -> None:

@@ -9,6 +9,10 @@ window callbacks at each window's edges like Locust does. Both share one landsca
     land = Landscape.synthetic(lambda c: Point(5.0, 8.0, 9.0, cpu_cores=0.1), seed=1)
     run_study(spec, target=ReplayTarget(land), load=ReplayDriver(land))
 
+Scenarios: the landscape knows the service faults in force (``ReplayTarget.set_service_faults``)
+and each run's load; ``conditions(config, point, load, faults)``, if given, turns the config's
+point into what it measures under them (a surge, a failing endpoint).
+
 Noise is deterministic: window ``w`` of the landscape's ``n``-th load run multiplies the three
 latencies by ``exp(N(0, noise_cv))`` drawn from ``numpy.random.default_rng([seed, n, w])``.
 """
@@ -18,16 +22,16 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from autotune.errors import FailReason, TargetError, TrialFailed
-from autotune.load import LoadResult, ProgressFn, WindowFn
+from autotune.load import LoadResult, ProgressFn, StopFn, WindowFn
 from autotune.mesh import ISTIO_UNSET_LIMIT, MeshConfig
-from autotune.spec import LoadSpec
+from autotune.spec import FaultSpec, LoadSpec
 from autotune.targets import Observed, ProxyUsage, Target
 
 #: Where each failure of a :class:`Point` is raised, like a real target or load would.
@@ -55,6 +59,8 @@ class Point:
 #: A landscape's truth: the point of ``config`` on its ``visit``-th application (0-based), so a
 #: config can measure differently in a later round.
 PointFn = Callable[[MeshConfig, int], Point]
+#: What a config's point becomes under a load and service faults (a scenario).
+ConditionFn = Callable[[MeshConfig, Point, LoadSpec, tuple[FaultSpec, ...]], Point]
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,13 @@ class Landscape:
     first window, as Ctrl-C would. :meth:`shift` multiplies every later latency (a drifting
     machine)."""
 
-    def __init__(self, points: PointFn, *, seed: int = 0, interrupt_on_run: int | None = None) -> None:
+    def __init__(self, points: PointFn, *, seed: int = 0, interrupt_on_run: int | None = None,
+                 conditions: ConditionFn | None = None) -> None:
         self._points = points
+        self.conditions = conditions
+        self.faults: tuple[FaultSpec, ...] = ()
+        #: Every load run: (the config applied, the load, the faults in force, windows run).
+        self.runs_log: list[tuple[MeshConfig, LoadSpec, tuple[FaultSpec, ...], int]] = []
         self.seed = seed
         self.interrupt_on_run = interrupt_on_run
         self.latency_factor = 1.0
@@ -83,9 +94,10 @@ class Landscape:
 
     @classmethod
     def synthetic(cls, fn: Callable[[MeshConfig], Point], *, seed: int = 0,
-                  interrupt_on_run: int | None = None) -> Landscape:
+                  interrupt_on_run: int | None = None, conditions: ConditionFn | None = None) -> Landscape:
         """A landscape from a function config → point (the same point on every visit)."""
-        return cls(lambda config, _visit: fn(config), seed=seed, interrupt_on_run=interrupt_on_run)
+        return cls(lambda config, _visit: fn(config), seed=seed, interrupt_on_run=interrupt_on_run,
+                   conditions=conditions)
 
     @classmethod
     def from_csv(cls, path: Path | str, *, seed: int = 0, noise: bool = True) -> Landscape:
@@ -102,9 +114,12 @@ class Landscape:
         """What ``config`` measures on its ``visit``-th application, noise-free."""
         return self._points(config, visit)
 
-    def current(self) -> Point:
-        """The point of the config in force now."""
-        return self.point(self.applied, self.visit)
+    def current(self, load: LoadSpec | None = None) -> Point:
+        """The point of the config in force now (under ``load`` and the faults in force)."""
+        point = self.point(self.applied, self.visit)
+        if self.conditions is not None and load is not None:
+            point = self.conditions(self.applied, point, load, self.faults)
+        return point
 
     def apply(self, config: MeshConfig) -> Point:
         """Put ``config`` in force (counting its visits) and return its point."""
@@ -114,8 +129,8 @@ class Landscape:
         return self.current()
 
     def restore(self) -> None:
-        """The baseline in force again (not counted as a visit)."""
-        self.applied, self.visit = MeshConfig(), 0
+        """The baseline in force again (not counted as a visit), no faults."""
+        self.applied, self.visit, self.faults = MeshConfig(), 0, ()
 
     def shift(self, factor: float) -> None:
         """From now on, every latency is ``factor`` times what the landscape says."""
@@ -154,9 +169,10 @@ class ReplayDriver:
 
     def run(self, url: str, load: LoadSpec, *, warmup_s: float, window_s: float, windows: int,
             on_window_start: WindowFn, on_window_end: WindowFn, progress: ProgressFn | None = None,
-            timeout_s: float | None = None) -> list[LoadResult]:
+            timeout_s: float | None = None, stop_after: StopFn | None = None) -> list[LoadResult]:
         """See ``LoadDriver``: warm-up, then per window ``on_window_start(i)``, the window,
-        ``on_window_end(i)``; the target's ``end_window`` reads that window's CPU."""
+        ``on_window_end(i)`` and ``stop_after(i, result)``; the target's ``end_window`` reads
+        that window's CPU. Each run is logged in ``landscape.runs_log``."""
         if windows < 1:
             raise ValueError(f"windows must be >= 1, got {windows}")
         land = self.landscape
@@ -167,7 +183,7 @@ class ReplayDriver:
         report = progress or (lambda _phase, _fraction: None)
         try:
             report("warmup", 0.0)
-            point = land.current()
+            point = land.current(load)
             if point.fail == FailReason.LOAD:
                 raise TrialFailed(FailReason.LOAD, f"replayed load failure for {land.applied.describe()}")
             report("warmup", 1.0)
@@ -182,6 +198,9 @@ class ReplayDriver:
                 report(phase, 1.0)
                 on_window_end(i)
                 results.append(window.load)
+                if stop_after is not None and stop_after(i, window.load):
+                    break
+            land.runs_log.append((land.applied, load, land.faults, len(results)))
             return results
         finally:
             land.window = None
@@ -205,6 +224,7 @@ class ReplayTarget(Target):
         self.closed = False
         self.restores = 0
         self.windows = 0
+        self.fault_calls: list[tuple[FaultSpec, ...]] = []
         self._window_start: float | None = None
 
     def start(self) -> None:
@@ -250,6 +270,15 @@ class ReplayTarget(Target):
         if land.window is not None:
             return ProxyUsage(cpu_cores=land.window.cpu_cores, window_s=land.window.load.window_s)
         return ProxyUsage(cpu_cores=land.current().cpu_cores, window_s=elapsed)
+
+    supports_service_faults = True
+
+    def set_service_faults(self, faults: Sequence[FaultSpec]) -> None:
+        """Put ``faults`` in force in the landscape (``()`` clears them); each call is logged in
+        ``fault_calls``."""
+        self._check()
+        self.fault_calls.append(tuple(faults))
+        self.landscape.faults = tuple(faults)
 
     def observed(self) -> Observed:
         """The replayed proxy runs exactly what was applied."""
@@ -344,5 +373,15 @@ def _float(raw: str | None, default: float = math.nan) -> float:
     return value if math.isfinite(value) else default
 
 
-__all__ = ["APPLY_FAILURES", "GRID_COLUMNS", "READY_FAILURES", "Landscape",
-           "Point", "PointFn", "RecordedGrid", "ReplayDriver", "ReplayTarget"]
+__all__ = [
+    "APPLY_FAILURES",
+    "GRID_COLUMNS",
+    "READY_FAILURES",
+    "ConditionFn",
+    "Landscape",
+    "Point",
+    "PointFn",
+    "RecordedGrid",
+    "ReplayDriver",
+    "ReplayTarget",
+]
