@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,30 @@ from autotune.study import (
     study_spec,
 )
 
+#: The first scenario's metrics (a spec without scenarios has only ``steady``), unprefixed.
 METRIC_COLUMNS = [
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cpu_cores", "cpu_reserved_cores",
     "cpu_used_cores", "cpu_requested_cores", "cpu_limit_cores", "cpu_per_1k_rps",
     "cpu_throttled_ratio", "achieved_rps", "offered_rps", "throughput_ratio", "error_rate",
-    "requests",
+    "requests", "latency_p50_corrected_ms", "latency_p95_corrected_ms", "latency_p99_corrected_ms",
+    "goodput_rps", "goodput_slo_rps",
 ]
+#: With several scenarios, each one's metrics as ``<scenario>.<metric>`` (then the proxy's own
+#: counters, ``ProxyUsage.extra``, alphabetically).
+SCENARIO_COLUMNS = [
+    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_p50_corrected_ms",
+    "latency_p95_corrected_ms", "latency_p99_corrected_ms", "goodput_rps", "goodput_slo_rps",
+    "achieved_rps", "throughput_ratio", "error_rate", "cpu_cores", "cpu_throttled_ratio", "requests",
+]
+#: Per-window bookkeeping, not a scenario's result.
+_NOT_COLUMNS = frozenset({"window_s", "failures", "offered_rps", "cpu_reserved_cores", "cpu_throttled_s"})
+
+
+def study_scenarios(study: optuna.Study) -> list[str]:
+    """The names of the study's scenarios, in order, from its stored spec (``[]`` without any:
+    one ``steady``)."""
+    raw = study_spec(study).get("scenarios")
+    return [str(s["name"]) for s in raw if isinstance(s, dict) and "name" in s] if isinstance(raw, list) else []
 
 
 def results_dir(spec: StudySpec) -> Path:
@@ -38,8 +57,9 @@ def results_dir(spec: StudySpec) -> Path:
     return Path(spec.study.results_dir) / spec.study.name
 
 
-def trial_row(trial: FrozenTrial) -> dict[str, object]:
-    """One trial as a flat row: number, state, baseline, config by Istio name, metrics, reason."""
+def trial_row(trial: FrozenTrial, scenarios: Sequence[str] = ()) -> dict[str, object]:
+    """One trial as a flat row: number, state, baseline, config by Istio name, metrics (with
+    two or more ``scenarios``, each one's as ``<scenario>.<metric>``), early abort, reason."""
     rec = TrialRecord.read(trial)
     config = rec.config
     row: dict[str, object] = {
@@ -59,14 +79,30 @@ def trial_row(trial: FrozenTrial) -> dict[str, object]:
         row[col] = _number(rec.metrics.get(col))
     for col in sorted(k for k in rec.metrics if k.startswith("envoy_")):  # the proxy's own counters
         row[col] = _number(rec.metrics.get(col))
+    if len(scenarios) > 1:
+        row.update(_scenario_columns(rec.metrics, scenarios))
     row["latency_p95_cv"] = rec.spread_cv.get("latency_p95_ms")
     row["cpu_cores_cv"] = rec.spread_cv.get("cpu_cores")
     row["windows"] = len(rec.windows) or None
     row["drift_pct"] = rec.drift_pct
     row["trial_wall_s"] = rec.timings.get("total_s")
+    aborted = rec.aborted_after or {}
+    row["aborted_after"] = f"{aborted['scenario']} window {aborted['window']}" if aborted else None
+    row["abort_saved_s"] = aborted.get("saved_s")
     row["violations"] = "; ".join(rec.violations)
     row["fail_reason"] = rec.fail_message or (rec.fail_reason.value if rec.fail_reason else None)
     return row
+
+
+def _scenario_columns(metrics: dict[str, float], scenarios: Sequence[str]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name in scenarios:
+        extra = sorted(k.partition(".")[2] for k in metrics if k.partition(".")[0] == name
+                       and k.partition(".")[2] not in SCENARIO_COLUMNS
+                       and k.partition(".")[2] not in _NOT_COLUMNS)
+        for col in [*SCENARIO_COLUMNS, *extra]:
+            out[f"{name}.{col}"] = _number(metrics.get(f"{name}.{col}"))
+    return out
 
 
 def _number(value: float | None) -> float | None:
@@ -76,7 +112,8 @@ def _number(value: float | None) -> float | None:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """Every trial of the study (any state except WAITING), in trial order."""
-    rows = [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+    scenarios = study_scenarios(study)
+    rows = [trial_row(t, scenarios) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
     return pd.DataFrame(rows)
 
 
@@ -88,8 +125,9 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     confirmation = confirmation_of(study)
     confirmed = confirmation.results if confirmation else {}
     rows = []
+    scenarios = study_scenarios(study)
     for t in pareto_trials(study):
-        row = trial_row(t)
+        row = trial_row(t, scenarios)
         base = baseline_trial(study, near=t.number)
         row["compared_with_baseline"] = base.number if base else None
         base_metrics = TrialRecord.read(base).metrics if base else {}
@@ -118,7 +156,7 @@ def front_with_baseline(study: optuna.Study) -> pd.DataFrame:
     base = baseline_trial(study, first=True)
     if frame.empty or base is None or frame["baseline"].any():
         return frame
-    return pd.concat([frame, pd.DataFrame([trial_row(base)])], ignore_index=True)
+    return pd.concat([frame, pd.DataFrame([trial_row(base, study_scenarios(study))])], ignore_index=True)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import pandas as pd
 
 from autotune.export._table import fmt, label, pareto_text_table, pct
 from autotune.mesh import NO_LIMIT, PARAMETERS, format_cpu, parse_cpu
-from autotune.study import METRIC_NAMES, Confirmation
+from autotune.study import Confirmation
+from autotune.study import metric_name as _study_metric_name
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -33,7 +34,7 @@ PARETO_GRAPH_ID = "autotune-pareto"
 
 def metric_name(metric: str) -> str:
     """The readable name of a metric (``p95 latency (ms)``), or the metric itself."""
-    return METRIC_NAMES.get(metric, metric)
+    return _study_metric_name(metric)
 
 
 def _measured(trials: pd.DataFrame) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from autotune.study import METRIC_LABELS
+from autotune.study import metric_label
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ def pct(value: float | None) -> str:
 
 
 def label(metric: str) -> str:
-    """A metric's short column label (``p95 ms``), or its name."""
-    return METRIC_LABELS.get(metric, metric)
+    """A metric's short column label (``p95 ms``, ``surge p95 ms``), or its name."""
+    return metric_label(metric)
 
 
 def pareto_text_table(frame: pd.DataFrame, objectives: list[str], title: str) -> TextTable:

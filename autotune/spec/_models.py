@@ -170,7 +170,7 @@ class Objective(_Model):
     @classmethod
     def _default_direction(cls, data: Any) -> Any:
         if isinstance(data, dict) and "direction" not in data and isinstance(data.get("metric"), str):
-            name = data["metric"].rpartition(".")[2]
+            name = data["metric"].partition(".")[2] or data["metric"]
             return {**data, "direction": "maximize" if name in MAXIMIZED_METRICS else "minimize"}
         return data
 
@@ -555,9 +555,9 @@ DEFAULT_SCENARIO = "steady"
 def split_metric(metric: str, scenarios: list[str]) -> tuple[str, str]:
     """``(scenario, metric)`` of an objective's or column's name; unprefixed means the first
     scenario. Raises ``ValueError`` naming the scenarios or metrics that exist."""
-    scenario, dot, name = metric.rpartition(".")
+    scenario, dot, name = metric.partition(".")
     if not dot:
-        scenario = scenarios[0]
+        scenario, name = scenarios[0], metric
     elif scenario not in scenarios:
         raise ValueError(f"no scenario {scenario!r} (scenarios: {', '.join(scenarios)})")
     if name not in SCENARIO_METRICS:

@@ -11,7 +11,14 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from autotune.errors import AutotuneError, ExportError, FailReason, StorageError, TrialFailed
+from autotune.errors import (
+    AutotuneError,
+    ExportError,
+    FailReason,
+    StorageError,
+    TrialFailed,
+    UnsupportedParameter,
+)
 from autotune.load import LoadDriver
 from autotune.mesh import (
     NO_LIMIT,
@@ -263,7 +270,7 @@ class _Objective:
             status_counts=m.status_counts, observed=m.observed,
             timings={k: round(v, 3) for k, v in m.timings.items()},
             spread_cv={k: round(v, 4) for k, v in m.spread.items()
-                       if k.rpartition(".")[2] in SPREAD_KEYS},
+                       if (k.partition(".")[2] or k) in SPREAD_KEYS},
             windows=[{k: round(w[k], 4) for k in SPREAD_KEYS if k in w} for w in m.windows],
             drift_pct=self._drift_pct(trial, m.metrics) if record.drift_check else None,
             aborted_after=m.aborted.to_dict() if m.aborted is not None else None,
@@ -372,6 +379,16 @@ def _open_store(spec: StudySpec) -> FileSystemArtifactStore:
                           f"{exc.strerror or exc}") from None
 
 
+def check_faults_supported(target: Target, spec: StudySpec) -> None:
+    """Refuse, before anything runs, a spec whose scenarios have service faults the target cannot
+    apply (``UnsupportedParameter`` naming the scenarios)."""
+    faulty = [s.name for s in spec.scenario_list() if s.faults]
+    if faulty and not target.supports_service_faults:
+        raise UnsupportedParameter(
+            f"scenarios {', '.join(faulty)} have service faults, which the {target.name} target cannot "
+            "apply yet; remove their faults or run them on a target that can")
+
+
 def run_study(spec: StudySpec, observer: Observer | None = None,
               target: Target | None = None, *, load: LoadDriver | None = None) -> optuna.Study:
     """Run (or continue) the spec's study until its trial budget is used.
@@ -399,6 +416,7 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
             return study
         tgt = target or make_target(spec)
         tgt.check_supported(spec.search_space())
+        check_faults_supported(tgt, spec)
         driver = load or default_driver(spec)
         if not _has_baseline(study):
             enqueue_baseline(study)
@@ -426,5 +444,6 @@ def run_single(spec: StudySpec, config: MeshConfig, observer: Observer | None = 
     tgt = target or make_target(spec)
     tgt.check_supported([SearchParam(name=n, info=PARAMETERS[n], low=v, high=v)
                          for n, v in config.to_params().items()])
+    check_faults_supported(tgt, spec)
     with tgt:
         return measure_config(tgt, spec, config, observer, load=load)

@@ -140,8 +140,9 @@ def _measure_scenario(target: Target, spec: StudySpec, scenario: Scenario, confi
     first = fixed if fixed is not None else rules.repeats
     most = fixed if fixed is not None else rules.max_repeats
     run = _Run()
-    target.set_service_faults(scenario.faults)
     try:
+        if scenario.faults:
+            target.set_service_faults(scenario.faults)
         _load_run(target, spec, scenario, config, first, obs, load, run, abort=abort)
         spread = aggregate(run.windows)[1]
         while not run.broke and spread.get("latency_p95_ms", 0.0) > rules.target_cv and len(run.windows) < most:

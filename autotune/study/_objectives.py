@@ -55,18 +55,25 @@ RULES = ("error_rate", "throughput_ratio")
 CONSTRAINT_NAMES = RULES
 
 
+def split(metric: str) -> tuple[str, str]:
+    """``(scenario, name)`` of ``[scenario.]name`` (``""`` when unprefixed); scenario names have
+    no dots, so the first dot ends the prefix."""
+    scenario, dot, name = metric.partition(".")
+    return (scenario, name) if dot else ("", metric)
+
+
 def metric_name(metric: str) -> str:
     """Readable name of ``[scenario.]metric`` (``surge: p95 latency (ms)``)."""
-    scenario, dot, name = metric.rpartition(".")
+    scenario, name = split(metric)
     text = METRIC_NAMES.get(name, name)
-    return f"{scenario}: {text}" if dot else text
+    return f"{scenario}: {text}" if scenario else text
 
 
 def metric_label(metric: str) -> str:
     """Short column label of ``[scenario.]metric`` (``surge p95 ms``)."""
-    scenario, dot, name = metric.rpartition(".")
+    scenario, name = split(metric)
     text = METRIC_LABELS.get(name, name)
-    return f"{scenario} {text}" if dot else text
+    return f"{scenario} {text}" if scenario else text
 
 
 def lookup(metrics: Mapping[str, float], metric: str, first: str | None = None) -> float:
@@ -74,9 +81,9 @@ def lookup(metrics: Mapping[str, float], metric: str, first: str | None = None) 
     ``<first>.name`` and ``name`` stand for each other. NaN when it was not measured."""
     if metric in metrics:
         return float(metrics[metric])
-    scenario, dot, name = metric.rpartition(".")
+    scenario, name = split(metric)
     if first is not None:
-        alias = name if dot and scenario == first else (f"{first}.{metric}" if not dot else None)
+        alias = name if scenario == first else (f"{first}.{metric}" if not scenario else None)
         if alias is not None and alias in metrics:
             return float(metrics[alias])
     return math.nan

@@ -1,0 +1,256 @@
+"""Scenarios on the replay driver and target: every scenario runs in order on the same config with
+its load and faults, per-scenario metrics reach the record and the CSVs, objectives and
+constraints name a scenario's metric, an infeasible config stops after its first window (early
+abort), and a spec without scenarios behaves as before."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+import _specs
+from _specs import small_spec
+from autotune.errors import SpecError, UnsupportedParameter
+from autotune.export import export_study, results_dir
+from autotune.mesh import MeshConfig
+from autotune.spec import FaultSpec, LoadSpec, StudySpec
+from autotune.study import TrialRecord, measure_config, open_study, run_study
+from autotune.study._record import enqueue_baseline
+from autotune.testing.replay import Landscape, Point, ReplayDriver, ReplayTarget
+
+STEADY_RPS, SURGE_RPS = 100.0, 300.0  # small_spec: 5 users x 20/s; the surge: 10 users x 30/s
+
+
+@pytest.fixture(autouse=True)
+def _fast_storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The study storage in memory-backed /dev/shm when there is one (as in test_loop.py)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        yield
+        return
+    with tempfile.TemporaryDirectory(dir=shm, prefix="autotune-test-") as tmp:
+        real = _specs.small_spec_data
+
+        def data(path: Path, **overrides: Any) -> dict[str, Any]:
+            out = real(path, **overrides)
+            if "study.storage" not in overrides:
+                out["study"]["storage"] = f"sqlite:///{tmp}/s.db"
+            return out
+
+        monkeypatch.setattr(_specs, "small_spec_data", data)
+        yield
+
+
+SCENARIOS = [
+    {"name": "steady"},
+    {"name": "surge", "load": {"users": 10, "ratePerUser": 30}, "warmup": "500ms", "windows": 1, "slo": "20ms"},
+    {"name": "failing", "faults": [{"kind": "fail", "endpoints": 1, "rate": 0.5}], "windows": 1},
+]
+
+
+def _point(config: MeshConfig) -> Point:
+    """Steady: latency falls with the CPU limit; fewer than 4 connections overflow (20 % 503s)."""
+    p95 = 4.0 + 1.0 / config.effective_cpu_limit
+    errors = 0.2 if (config.max_connections or 10**6) < 4 else 0.0
+    return Point(p95 * 0.5, p95, p95 * 1.2, cpu_cores=0.05 * config.effective_cpu_limit, error_rate=errors)
+
+
+def _conditions(config: MeshConfig, point: Point, load: LoadSpec, faults: tuple[FaultSpec, ...]) -> Point:
+    """A surge above capacity: with up to 64 connections the proxy sheds a third of it and stays
+    fast; with more, it queues (5x the latency). A failing endpoint: 25 % errors."""
+    if load.offered_rps > STEADY_RPS:
+        tight = (config.max_connections or 10**6) <= 64
+        factor = 1.0 if tight else 5.0
+        point = replace(point, latency_p50_ms=point.latency_p50_ms * factor,
+                        latency_p95_ms=point.latency_p95_ms * factor,
+                        latency_p99_ms=point.latency_p99_ms * factor,
+                        error_rate=max(point.error_rate, 0.33 if tight else 0.0), cpu_cores=point.cpu_cores * 3)
+    if faults:
+        point = replace(point, error_rate=max(point.error_rate, 0.25))
+    return point
+
+
+def _land() -> Landscape:
+    return Landscape.synthetic(_point, conditions=_conditions)
+
+
+def _spec(tmp_path: Path, **overrides: Any) -> StudySpec:
+    base: dict[str, Any] = {
+        "scenarios": SCENARIOS,
+        "constraints": {"maxErrorRate": 0.01, "surge": {"maxErrorRate": 0.5, "minThroughputRatio": 0.0},
+                        "failing": {"maxErrorRate": 0.3}},
+        "objectives": ["steady.latency_p95_ms", "surge.goodput_slo_rps", "cpu_cores"],
+        "measurement.repeats": 2, "measurement.maxRepeats": 2,
+        "parameters": {"connectionPool.tcp.maxConnections": {"low": 1, "high": 1024, "log": True},
+                       "proxy.cpuLimit": {"low": "100m", "high": "1", "log": True}},
+    }
+    return small_spec(tmp_path, **{**base, **overrides})
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_scenario_runs_in_order_with_its_load_and_faults(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    land = _land()
+    target = ReplayTarget(land)
+    config = MeshConfig(max_connections=32, cpu_limit=0.5)
+    with target:
+        m = measure_config(target, spec, config, load=ReplayDriver(land))
+    fail = FaultSpec(kind="fail", endpoints=1, rate=0.5)
+    # Same config throughout; steady (2 windows), surge (1, its own load), failing (1, its faults).
+    assert [(c, ld.offered_rps, f, n) for c, ld, f, n in land.runs_log] == [
+        (config, STEADY_RPS, (), 2), (config, SURGE_RPS, (), 1), (config, STEADY_RPS, (fail,), 1)]
+    assert target.applied == [config]
+    assert target.fault_calls == [(fail,), ()]  # put in force before the scenario, cleared after
+    assert m.aborted is None and m.metrics["windows"] == 4
+    truth = _conditions(config, _point(config), spec.scenario_list()[1].load, ())
+    assert m.metrics["surge.latency_p95_ms"] == pytest.approx(truth.latency_p95_ms)
+    assert m.metrics["surge.error_rate"] == pytest.approx(0.33, abs=0.01)
+    assert m.metrics["surge.goodput_rps"] == pytest.approx(SURGE_RPS * (1 - m.metrics["surge.error_rate"]))
+    assert 0 < m.metrics["surge.goodput_slo_rps"] <= m.metrics["surge.goodput_rps"]
+    assert m.metrics["surge.cpu_cores"] == pytest.approx(3 * m.metrics["steady.cpu_cores"])
+    assert m.metrics["failing.error_rate"] == pytest.approx(0.25)
+    # The first scenario's metrics also carry their historical, unprefixed names.
+    assert m.metrics["latency_p95_ms"] == m.metrics["steady.latency_p95_ms"]
+    assert "goodput_slo_rps" not in m.metrics  # steady has no SLO
+
+
+def test_a_study_records_and_exports_per_scenario_metrics_and_constraints(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, **{"study.trials": 6})
+    land = _land()
+    study = run_study(spec, target=ReplayTarget(land), load=ReplayDriver(land))
+    trials = study.get_trials()
+    assert len(trials) == 6
+    for t in trials:
+        rec = TrialRecord.read(t)
+        # One constraint per (scenario, rule); the first scenario's keep their old names.
+        assert set(t.constraints) == {"error_rate", "throughput_ratio", "surge.error_rate",
+                                      "surge.throughput_ratio", "failing.error_rate",
+                                      "failing.throughput_ratio"}
+        if rec.aborted_after is None:
+            # Objectives read the named scenario's metric; surge.goodput_slo_rps is maximized.
+            assert t.values == [rec.metrics["steady.latency_p95_ms"], rec.metrics["surge.goodput_slo_rps"],
+                                rec.metrics["cpu_cores"]]
+            # The surge sheds load within its own (looser) rules: feasible when steady is.
+            assert t.constraints["surge.error_rate"] == pytest.approx(rec.metrics["surge.error_rate"] - 0.5)
+            assert rec.feasible == (rec.metrics["steady.error_rate"] <= 0.01)
+    assert study.directions[1] == optuna.study.StudyDirection.MAXIMIZE
+    export_study(study, results_dir(spec))
+    rows = _csv(results_dir(spec) / "trials.csv")
+    for row, t in zip(rows, trials, strict=True):
+        rec = TrialRecord.read(t)
+        for name in ("steady.latency_p95_ms", "surge.goodput_slo_rps", "failing.error_rate"):
+            expected = rec.metrics.get(name)
+            assert (float(row[name]) == pytest.approx(expected)) if expected is not None else row[name] == ""
+    pareto = _csv(results_dir(spec) / "pareto.csv")
+    assert pareto and all("surge.goodput_slo_rps_vs_baseline_pct" in r for r in pareto)
+
+
+def test_an_infeasible_config_stops_after_its_first_window(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """maxConnections 2 overflows in steady's first window: the second window, the surge and the
+    failing endpoint are skipped; the trial is COMPLETE, infeasible, with its constraint values."""
+    spec = _spec(tmp_path, **{"study.trials": 2})
+    land = _land()
+    broken = MeshConfig(max_connections=2, cpu_limit=0.5)
+    study = open_study(spec)  # the baseline first, then the broken config
+    enqueue_baseline(study)
+    study.enqueue_trial(broken.to_params())
+    with caplog.at_level(logging.INFO, logger="autotune.study"):
+        study = run_study(spec, target=ReplayTarget(land), load=ReplayDriver(land))
+    base, trial = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE and TrialRecord.read(trial).config == broken
+    rec = TrialRecord.read(trial)
+    assert not rec.feasible and trial.constraints["error_rate"] == pytest.approx(0.2 - 0.01)
+    # Skipped scenarios neither keep nor break their rules.
+    assert trial.constraints["surge.error_rate"] == 0.0 and trial.constraints["failing.error_rate"] == 0.0
+    planned = (1 + 2 * 2) + (0.5 + 2) + (1 + 2)  # warm-up + windows of each scenario, s
+    assert rec.aborted_after == {"scenario": "steady", "window": 1, "skipped_windows": 1,
+                                 "skipped_scenarios": ["surge", "failing"],
+                                 "saved_s": pytest.approx(planned - (1 + 2))}
+    assert rec.timings["saved_s"] == pytest.approx(planned - 3)
+    assert [n for c, _, _, n in land.runs_log if c == broken] == [1]  # one window, one scenario
+    assert [n for c, _, _, n in land.runs_log if c == MeshConfig()] == [2, 1, 1]  # the baseline: all
+    assert "surge.latency_p95_ms" not in rec.metrics and rec.metrics["steady.error_rate"] == pytest.approx(0.2)
+    assert trial.values is not None and len(trial.values) == 3
+    assert trial.values[1] == TrialRecord.read(base).metrics["surge.goodput_slo_rps"]  # worst seen: finite
+    assert any("skipping 1 window(s)" in r.getMessage() for r in caplog.records)
+    assert any(v.startswith("steady: error rate") for v in rec.violations)
+    export_study(study, results_dir(spec))
+    row = _csv(results_dir(spec) / "trials.csv")[1]
+    assert row["aborted_after"] == "steady window 1" and float(row["abort_saved_s"]) == pytest.approx(planned - 3)
+
+
+def test_early_abort_can_be_turned_off(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, **{"measurement.earlyAbort": False})
+    land = _land()
+    with ReplayTarget(land) as target:
+        m = measure_config(target, spec, MeshConfig(max_connections=2), load=ReplayDriver(land))
+    assert m.aborted is None and [n for *_, n in land.runs_log] == [2, 1, 1]
+
+
+def test_a_spec_without_scenarios_runs_one_steady_scenario_as_before(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, **{"study.trials": 3})
+    (steady,) = spec.scenario_list()
+    assert steady.name == "steady" and steady.load == spec.load and steady.warmup == spec.timing.warmup
+    land = Landscape.synthetic(_point)
+    study = run_study(spec, target=ReplayTarget(land), load=ReplayDriver(land))
+    for t in study.get_trials():
+        assert set(t.constraints) == {"error_rate", "throughput_ratio"}
+        rec = TrialRecord.read(t)
+        assert t.values == [rec.metrics["latency_p95_ms"], rec.metrics["cpu_cores"]]
+    export_study(study, results_dir(spec))
+    header = _csv(results_dir(spec) / "trials.csv")[0]
+    assert "latency_p95_ms" in header and not any(k.startswith("steady.") for k in header)
+
+
+def test_a_target_without_fault_support_refuses_a_spec_with_faults(tmp_path: Path) -> None:
+    class NoFaults(ReplayTarget):
+        supports_service_faults = False
+
+    land = _land()
+    target = NoFaults(land)
+    with pytest.raises(UnsupportedParameter, match="scenarios failing have service faults"):
+        run_study(_spec(tmp_path), target=target, load=ReplayDriver(land))
+    assert not target.started  # refused before anything ran
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"objectives": ["burst.latency_p95_ms"]},
+     "objectives[0].metric: no scenario 'burst' (scenarios: steady, surge, failing)"),
+    ({"objectives": ["surge.latency_p42_ms"]}, "objectives[0].metric: unknown metric 'latency_p42_ms'"),
+    ({"objectives": ["steady.goodput_slo_rps"]}, "objectives[0].metric: goodput_slo_rps needs a latency SLO"),
+    ({"constraints": {"burst": {"maxErrorRate": 0.5}}}, "constraints.burst: no scenario 'burst'"),
+    ({"scenarios": [*SCENARIOS, {"name": "surge"}]}, "scenarios[3].name: 'surge' is already scenarios[1]"),
+    ({"scenarios": [{"name": "x", "faults": [{"kind": "fail", "endpoints": 3}]}]},
+     "scenarios[0].faults[0].endpoints: must be <= target.upstream.endpoints (2), got 3"),
+    ({"scenarios": [{"name": "x", "faults": [{"kind": "slow"}]}]}, "a slow fault needs extraMs or factor"),
+    ({"scenarios": [{"name": "Surge.1"}]}, "scenarios[0].name"),
+])
+def test_scenario_specs_are_checked_when_read(tmp_path: Path, overrides: dict[str, Any], expected: str) -> None:
+    with pytest.raises(SpecError) as err:
+        _spec(tmp_path, **overrides)
+    assert expected in str(err.value)
+
+
+def test_scenario_defaults_and_directions(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, **{"slo": "50ms", "objectives": [{"steady.latency_p99_corrected_ms": "minimize"},
+                                                             "surge.goodput_rps", "steady.goodput_slo_rps"]})
+    steady, surge, failing = spec.scenario_list()
+    assert (steady.slo_ms, surge.slo_ms) == (50.0, 20.0)  # the top-level SLO unless the scenario has one
+    assert surge.load.users == 10 and surge.load.per_user_rate == 30 and surge.load.path == spec.load.path
+    assert (surge.warmup, surge.window, surge.windows) == (0.5, spec.timing.window, 1)
+    assert failing.constraints.max_error_rate == 0.3
+    assert failing.constraints.min_throughput_ratio == spec.constraints.min_throughput_ratio
+    assert [o.direction for o in spec.objectives] == ["minimize", "maximize", "maximize"]
