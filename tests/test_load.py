@@ -28,6 +28,7 @@ from autotune.spec import LoadSpec
 
 BUILTIN = BUILTIN_LOCUSTFILE
 SERVICE_S = 0.020
+STALL_S = 1.0
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -39,7 +40,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with server.lock:
             server.hits += 1
             n = server.hits
-        time.sleep(SERVICE_S)
+            if self.path.startswith("/stall") and server.stall_at is not None and time.time() >= server.stall_at:
+                server.stall_at, server.stall_until = None, time.time() + STALL_S  # once
+        if self.path.startswith("/stall"):
+            time.sleep(max(0.0, server.stall_until - time.time()) + 0.001)
+        else:
+            time.sleep(SERVICE_S)
         status = 503 if self.path.startswith("/flaky") and n % 4 == 0 else 200
         body = b"ok" if status == 200 else b"no healthy upstream"
         self.send_response(status)
@@ -58,6 +64,10 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.lock = threading.Lock()
         self.hits = 0
+        #: ``/stall``: the first request at or after this wall-clock time stalls every request
+        #: for ``STALL_S`` (a GC pause, a failover); the others take 1 ms.
+        self.stall_at: float | None = None
+        self.stall_until = 0.0
 
     @property
     def url(self) -> str:
@@ -102,6 +112,30 @@ def _locust_children() -> list[psutil.Process]:
 # --- pure helpers ---------------------------------------------------------------------------
 
 
+def _unscheduled(n: int) -> dict[str, Any]:
+    """Records of a locustfile without a schedule (no due times)."""
+    return {"dues": np.full(n, np.nan), "slots": np.ones(n, dtype=np.int64), "period": 0.0}
+
+
+def test_corrected_latency_counts_from_the_schedule_and_the_dropped_slots() -> None:
+    """A user with a 100 ms period: on time, on time, then a request due at 0.2 s sent after its
+    user was stuck until 0.75 s (slots 0.2, 0.3, 0.4, 0.5 dropped: it stands for 5 slots up to
+    0.6 s; it answers at 0.76 s), then on time again."""
+    recs = _runner._Records(
+        ends=np.array([0.005, 0.105, 0.76, 0.805]), latencies_ms=np.array([5.0, 5.0, 10.0, 5.0]),
+        statuses=np.array([200] * 4, dtype=np.int32), failed=np.zeros(4, dtype=bool), truncated=False,
+        dues=np.array([0.0, 0.1, 0.2, 0.8]), slots=np.array([1, 1, 5, 1]), period=0.1,
+    )
+    r = _runner._summarise(recs, 0.0, 1.0, offered_rps=10.0)
+    assert r.latency_p99_ms == pytest.approx(np.percentile([5.0, 5.0, 10.0, 5.0], 99))  # raw: 10 ms at most
+    corrected = [5.0, 5.0, 560.0, 460.0, 360.0, 260.0, 160.0, 5.0]  # end - each slot, ms
+    assert r.latency_p99_corrected_ms == pytest.approx(np.percentile(corrected, 99))
+    assert r.latency_p50_corrected_ms == pytest.approx(np.percentile(corrected, 50))
+    # Per request (goodput within an SLO): each from its own slot (the late one's is 0.6 s).
+    assert r.ok_latencies_ms == pytest.approx((5.0, 5.0, 5.0, 160.0))
+    assert r.goodput_slo_rps(100.0) == 3.0 and r.goodput_rps == 4.0
+
+
 def test_summarise_filters_to_window_and_counts_non_2xx_as_failures() -> None:
     recs = _runner._Records(
         ends=np.array([0.5, 1.0, 1.5, 2.0, 2.5, 3.5]),
@@ -109,7 +143,7 @@ def test_summarise_filters_to_window_and_counts_non_2xx_as_failures() -> None:
         statuses=np.array([200, 200, 503, 200, 0, 200], dtype=np.int32),
         # the 503 is *not* flagged: the runner must still count it as a failure
         failed=np.array([0, 0, 0, 0, 1, 0], dtype=bool),
-        truncated=False,
+        truncated=False, **_unscheduled(6),
     )
     r = _runner._summarise(recs, 1.0, 3.0, offered_rps=2.0)
     assert (r.requests, r.failures, r.window_s) == (4, 2, 2.0)
@@ -123,7 +157,7 @@ def test_summarise_without_successes_gives_nan_percentiles() -> None:
     recs = _runner._Records(
         ends=np.array([1.0, 2.0]), latencies_ms=np.array([1.0, 1.0]),
         statuses=np.array([0, 503], dtype=np.int32), failed=np.array([1, 1], dtype=bool),
-        truncated=False,
+        truncated=False, **_unscheduled(2),
     )
     r = _runner._summarise(recs, 0.0, 3.0, offered_rps=1.0)
     assert r.error_rate == 1.0
@@ -300,3 +334,46 @@ def test_broken_locustfile_fails_with_stderr_tail(server: _Server, tmp_path: Pat
 def test_missing_locustfile_fails(tmp_path: Path) -> None:
     with pytest.raises(TrialFailed):
         _run("http://127.0.0.1:1", LoadSpec(), tmp_path / "nope.py")
+
+
+@pytest.mark.slow
+def test_corrected_latency_shows_a_stall_the_raw_latency_hides(server: _Server) -> None:
+    """One paced user at 50 requests/s; the server stalls once for 1 s in the middle of a 4 s
+    window. Raw: one request of ~1 s among ~150 (p99 stays low). Corrected for coordinated
+    omission: the ~50 requests the schedule wanted sent during the stall waited too."""
+    load = LoadSpec(users=1, rate_per_user=50, path="/stall")
+    result = _run(server.url, load, warmup=0.5, window=4.0,
+                  on_window_start=lambda _i: setattr(server, "stall_at", time.time() + 1.5))
+    print(f"raw p50/p95/p99 {result.latency_p50_ms:.1f}/{result.latency_p95_ms:.1f}/"
+          f"{result.latency_p99_ms:.1f} ms; corrected {result.latency_p50_corrected_ms:.1f}/"
+          f"{result.latency_p95_corrected_ms:.1f}/{result.latency_p99_corrected_ms:.1f} ms; "
+          f"{result.requests} requests")
+    assert server.stall_at is None  # the stall happened
+    assert result.latency_p99_ms < 100.0  # the raw p99 does not see it
+    assert result.latency_p99_corrected_ms > 800.0  # the corrected one does
+    assert result.latency_p95_corrected_ms > 300.0 > result.latency_p95_ms
+    assert result.latency_p50_corrected_ms < 20.0  # most requests were on time either way
+    assert max(result.ok_latencies_ms) > 900.0  # the stalled request itself, from its slot
+
+
+@pytest.mark.slow
+def test_stop_after_ends_the_run_after_the_window_it_says(server: _Server) -> None:
+    """Early abort on real Locust: the records of window 0 are read while the load runs; asked
+    to stop there, the run skips its two other windows."""
+    seen: list[tuple[int, LoadResult]] = []
+
+    def stop_after(i: int, result: LoadResult) -> bool:
+        seen.append((i, result))
+        return result.error_rate > 0.1
+
+    ends: list[int] = []
+    t0 = time.monotonic()
+    results = LocustDriver().run(server.url, LoadSpec(users=4, rate_per_user=20, path="/flaky"),
+                                 warmup_s=0.5, window_s=1.5, windows=3, on_window_start=lambda _i: None,
+                                 on_window_end=ends.append, stop_after=stop_after)
+    elapsed = time.monotonic() - t0
+    assert len(results) == 1 and ends == [0] and [i for i, _ in seen] == [0]
+    assert results[0].error_rate == pytest.approx(0.25, abs=0.1)  # every 4th /flaky request fails
+    assert seen[0][1].requests <= results[0].requests  # read mid-run: what had finished by then
+    assert elapsed < 0.5 + 3 * 1.5  # the other two windows were not run
+    assert not _locust_children()
