@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ from _specs import small_spec
 from autotune.errors import SpecError, UnsupportedParameter
 from autotune.export import export_study, results_dir
 from autotune.mesh import MeshConfig
-from autotune.spec import FaultSpec, LoadSpec, StudySpec
+from autotune.spec import FaultSpec, LoadSpec, StudySpec, load_spec
 from autotune.study import TrialRecord, measure_config, open_study, run_study
 from autotune.study._record import enqueue_baseline
+from autotune.targets import Target
 from autotune.testing.replay import Landscape, Point, ReplayDriver, ReplayTarget
 
 STEADY_RPS, SURGE_RPS = 100.0, 300.0  # small_spec: 5 users x 20/s; the surge: 10 users x 30/s
@@ -254,3 +255,22 @@ def test_scenario_defaults_and_directions(tmp_path: Path) -> None:
     assert failing.constraints.max_error_rate == 0.3
     assert failing.constraints.min_throughput_ratio == spec.constraints.min_throughput_ratio
     assert [o.direction for o in spec.objectives] == ["minimize", "maximize", "maximize"]
+
+
+def test_the_shipped_scenario_spec_reads_and_faults_are_refused_by_default() -> None:
+    spec = load_spec(Path(__file__).parents[1] / "search-spaces" / "local-scenarios.yaml")
+    steady, surge, failing = spec.scenario_list()
+    assert (steady.name, surge.name, failing.name) == ("steady", "surge", "failing")
+    assert surge.load.offered_rps == 3 * steady.load.offered_rps and surge.constraints.max_error_rate == 0.6
+    assert failing.faults == (FaultSpec(kind="fail", endpoints=1, rate=0.5),)
+
+    class Plain(ReplayTarget):  # the Target's default hook, as the Kubernetes target has it
+        supports_service_faults = False
+
+        def set_service_faults(self, faults: Sequence[FaultSpec]) -> None:
+            Target.set_service_faults(self, faults)
+
+    target = Plain(_land())
+    target.set_service_faults(())  # clearing is always allowed
+    with pytest.raises(UnsupportedParameter, match="cannot apply service faults"):
+        target.set_service_faults(failing.faults)
