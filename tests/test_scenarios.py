@@ -274,3 +274,12 @@ def test_the_shipped_scenario_spec_reads_and_faults_are_refused_by_default() -> 
     target.set_service_faults(())  # clearing is always allowed
     with pytest.raises(UnsupportedParameter, match="cannot apply service faults"):
         target.set_service_faults(failing.faults)
+
+
+def test_scenario_settings_survive_a_copy_with_overrides(tmp_path: Path) -> None:
+    """``with_overrides`` (the CLI's --trials …) re-reads the spec: partial loads and partial
+    per-scenario rules still fall back to the top-level ones."""
+    spec = _spec(tmp_path, **{"constraints.minThroughputRatio": 0.9})
+    again = spec.with_overrides(**{"study.trials": 7})
+    assert again.scenario_list() == spec.scenario_list()
+    assert again.scenario_list()[2].constraints.min_throughput_ratio == 0.9  # failing: only maxErrorRate

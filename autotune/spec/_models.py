@@ -191,9 +191,17 @@ class Constraints(_Model):
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     min_throughput_ratio: float = Field(default=0.95, ge=0, le=1)
 
-    def over(self, defaults: Constraints) -> Constraints:
-        """These rules where set, ``defaults`` for the rest."""
-        return defaults.model_copy(update={k: getattr(self, k) for k in self.model_fields_set})
+
+
+class ConstraintOverride(_Model):
+    """A scenario's own rules; a rule left out (``None``) is the common one."""
+
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    min_throughput_ratio: float | None = Field(default=None, ge=0, le=1)
+
+    def over(self, common: Constraints) -> Constraints:
+        """These rules where given, ``common`` for the rest."""
+        return common.model_copy(update=self.model_dump(exclude_none=True))
 
 
 _RULE_KEYS = frozenset({"maxErrorRate", "max_error_rate", "minThroughputRatio", "min_throughput_ratio"})
@@ -203,7 +211,7 @@ class ConstraintSpec(Constraints):
     """``constraints:`` the rules every scenario must meet, and per scenario (by name) the rules
     that differ there, e.g. ``{maxErrorRate: 0.01, surge: {minThroughputRatio: 0.5}}``."""
 
-    scenarios: dict[str, Constraints] = Field(default_factory=dict)
+    scenarios: dict[str, ConstraintOverride] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -633,7 +641,7 @@ class StudySpec(_Model):
     def _resolve(self, index: int, s: ScenarioSpec) -> Scenario:
         load = self.load
         if s.load is not None:
-            given = s.load.model_dump(exclude_unset=True)
+            given = s.load.model_dump(exclude_none=True)
             base = self.load.model_dump()
             if {"rate_per_user", "target_rps"} & given.keys():
                 base.pop("rate_per_user"), base.pop("target_rps")
