@@ -21,7 +21,7 @@ from _specs import small_spec
 from autotune.errors import SpecError, UnsupportedParameter
 from autotune.export import export_study, results_dir
 from autotune.mesh import MeshConfig
-from autotune.spec import FaultSpec, LoadSpec, StudySpec, load_spec
+from autotune.spec import EndpointFault, LoadSpec, StudySpec, load_spec
 from autotune.study import TrialRecord, measure_config, open_study, run_study
 from autotune.study._record import enqueue_baseline
 from autotune.targets import Target
@@ -53,7 +53,7 @@ def _fast_storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 SCENARIOS = [
     {"name": "steady"},
     {"name": "surge", "load": {"users": 10, "ratePerUser": 30}, "warmup": "500ms", "windows": 1, "slo": "20ms"},
-    {"name": "failing", "faults": [{"kind": "fail", "endpoints": 1, "rate": 0.5}], "windows": 1},
+    {"name": "failing", "faults": [{"endpoints": 1, "errorRate": 0.5}], "windows": 1},
 ]
 
 
@@ -64,7 +64,7 @@ def _point(config: MeshConfig) -> Point:
     return Point(p95 * 0.5, p95, p95 * 1.2, cpu_cores=0.05 * config.effective_cpu_limit, error_rate=errors)
 
 
-def _conditions(config: MeshConfig, point: Point, load: LoadSpec, faults: tuple[FaultSpec, ...]) -> Point:
+def _conditions(config: MeshConfig, point: Point, load: LoadSpec, faults: tuple[EndpointFault, ...]) -> Point:
     """A surge above capacity: with up to 64 connections the proxy sheds a third of it and stays
     fast; with more, it queues (5x the latency). A failing endpoint: 25 % errors."""
     if load.offered_rps > STEADY_RPS:
@@ -108,7 +108,7 @@ def test_every_scenario_runs_in_order_with_its_load_and_faults(tmp_path: Path) -
     config = MeshConfig(max_connections=32, cpu_limit=0.5)
     with target:
         m = measure_config(target, spec, config, load=ReplayDriver(land))
-    fail = FaultSpec(kind="fail", endpoints=1, rate=0.5)
+    fail = EndpointFault(endpoints=1, error_rate=0.5)
     # Same config throughout; steady (2 windows), surge (1, its own load), failing (1, its faults).
     assert [(c, ld.offered_rps, f, n) for c, ld, f, n in land.runs_log] == [
         (config, STEADY_RPS, (), 2), (config, SURGE_RPS, (), 1), (config, STEADY_RPS, (fail,), 1)]
@@ -234,9 +234,10 @@ def test_a_target_without_fault_support_refuses_a_spec_with_faults(tmp_path: Pat
     ({"objectives": ["steady.goodput_slo_rps"]}, "objectives[0].metric: goodput_slo_rps needs a latency SLO"),
     ({"constraints": {"burst": {"maxErrorRate": 0.5}}}, "constraints.burst: no scenario 'burst'"),
     ({"scenarios": [*SCENARIOS, {"name": "surge"}]}, "scenarios[3].name: 'surge' is already scenarios[1]"),
-    ({"scenarios": [{"name": "x", "faults": [{"kind": "fail", "endpoints": 3}]}]},
-     "scenarios[0].faults[0].endpoints: must be <= target.upstream.endpoints (2), got 3"),
-    ({"scenarios": [{"name": "x", "faults": [{"kind": "slow"}]}]}, "a slow fault needs extraMs or factor"),
+    ({"scenarios": [{"name": "x", "faults": [{"endpoints": 1, "errorRate": 1}, {"endpoints": 2, "delayMs": 5}]}]},
+     "scenarios[0].faults: faults name 3 endpoints but there are only 2 (target.upstream.endpoints)"),
+    ({"scenarios": [{"name": "x", "faults": [{"errorRate": 0.6, "resetRate": 0.6}]}]},
+     "scenarios[0].faults[0]: errorRate + resetRate must be at most 1"),
     ({"scenarios": [{"name": "Surge.1"}]}, "scenarios[0].name"),
 ])
 def test_scenario_specs_are_checked_when_read(tmp_path: Path, overrides: dict[str, Any], expected: str) -> None:
@@ -262,12 +263,12 @@ def test_the_shipped_scenario_spec_reads_and_faults_are_refused_by_default() -> 
     steady, surge, failing = spec.scenario_list()
     assert (steady.name, surge.name, failing.name) == ("steady", "surge", "failing")
     assert surge.load.offered_rps == 3 * steady.load.offered_rps and surge.constraints.max_error_rate == 0.6
-    assert failing.faults == (FaultSpec(kind="fail", endpoints=1, rate=0.5),)
+    assert failing.faults == (EndpointFault(endpoints=1, error_rate=0.5),)
 
     class Plain(ReplayTarget):  # the Target's default hook, as the Kubernetes target has it
         supports_service_faults = False
 
-        def set_service_faults(self, faults: Sequence[FaultSpec]) -> None:
+        def set_service_faults(self, faults: Sequence[EndpointFault]) -> None:
             Target.set_service_faults(self, faults)
 
     target = Plain(_land())

@@ -495,28 +495,6 @@ class MeasurementSpec(_Model):
 
 # -- scenarios -------------------------------------------------------------------------------------
 
-class FaultSpec(_Model):
-    """A service fault a scenario puts on ``endpoints`` of the upstream endpoints while it runs:
-    ``fail`` answers 503 to a ``rate`` of their requests, ``reset`` resets the connection for a
-    ``rate`` of them, ``slow`` adds ``extraMs`` to (or multiplies by ``factor``) their service time.
-    The target applies the faults before the scenario and clears them after
-    (``Target.set_service_faults``)."""
-
-    kind: Literal["fail", "reset", "slow"]
-    endpoints: int = Field(default=1, ge=1, le=16)
-    rate: float = Field(default=1.0, gt=0, le=1)
-    extra_ms: float | None = Field(default=None, ge=0, le=60000)
-    factor: float | None = Field(default=None, gt=0, le=1000)
-
-    @model_validator(mode="after")
-    def _kind_fields(self) -> FaultSpec:
-        if self.kind == "slow" and self.extra_ms is None and self.factor is None:
-            raise ValueError("a slow fault needs extraMs or factor")
-        if self.kind != "slow" and (self.extra_ms is not None or self.factor is not None):
-            raise ValueError(f"extraMs and factor apply to kind slow, not {self.kind}")
-        return self
-
-
 class LoadOverride(_Model):
     """A scenario's load: the fields given replace the top-level ``load``'s (a rate given here,
     ``ratePerUser`` or ``targetRps``, replaces both of its rate fields)."""
@@ -531,7 +509,9 @@ class ScenarioSpec(_Model):
     """One named scenario of a trial: a fixed load (``load`` over the top-level one), its own
     ``warmup``, ``window`` and number of ``windows`` (default: ``timing`` and ``measurement``;
     without ``windows`` the noise control adds windows up to ``maxRepeats``), a latency ``slo``
-    for ``goodput_slo_rps`` (default: the top-level ``slo``), and service ``faults``."""
+    for ``goodput_slo_rps`` (default: the top-level ``slo``), and service ``faults`` (endpoint
+    faults, as in ``target.upstream.faults``; the target puts them in force before the scenario
+    and its default faults back after it, ``Target.set_service_faults``)."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")
     load: LoadOverride | None = None
@@ -539,7 +519,7 @@ class ScenarioSpec(_Model):
     window: Annotated[float, duration(at_most=3600, positive=True)] | None = None
     windows: int | None = Field(default=None, ge=1, le=50)
     slo: Annotated[float, duration(at_most=600, positive=True)] | None = None
-    faults: list[FaultSpec] = Field(default_factory=list, max_length=16)
+    faults: list[EndpointFault] = Field(default_factory=list, max_length=16)
 
 
 class Scenario(BaseModel):
@@ -553,7 +533,7 @@ class Scenario(BaseModel):
     window: float
     windows: int | None
     slo_ms: float | None
-    faults: tuple[FaultSpec, ...] = ()
+    faults: tuple[EndpointFault, ...] = ()
     constraints: Constraints
 
 
@@ -677,10 +657,10 @@ class StudySpec(_Model):
         if isinstance(self.target, LocalTargetSpec):
             have = self.target.upstream.endpoints
             for i, s in enumerate(specs):
-                for j, f in enumerate(s.faults):
-                    if f.endpoints > have:
-                        problems.append((f"scenarios[{i}].faults[{j}].endpoints",
-                                         f"must be <= target.upstream.endpoints ({have}), got {f.endpoints}"))
+                faulty = sum(f.endpoints for f in s.faults)
+                if faulty > have:
+                    problems.append((f"scenarios[{i}].faults", f"faults name {faulty} endpoints but there are "
+                                     f"only {have} (target.upstream.endpoints)"))
         return problems
 
     def scenario_list(self) -> list[Scenario]:

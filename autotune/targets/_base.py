@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from autotune.errors import UnsupportedParameter
 from autotune.mesh import PARAMETERS, MeshConfig
-from autotune.spec import FaultSpec, SearchParam
+from autotune.spec import EndpointFault, SearchParam
 
 
 @dataclass(frozen=True)
@@ -159,15 +159,16 @@ class Target(ABC):
     #: Whether :meth:`set_service_faults` can put faults in force (checked before a study starts).
     supports_service_faults: bool = False
 
-    def set_service_faults(self, faults: Sequence[FaultSpec]) -> None:
+    def set_service_faults(self, faults: Sequence[EndpointFault]) -> None:
         """Put a scenario's service faults in force on the upstream endpoints (the study calls it
-        before the scenario's load, and with ``()`` after it, whatever happened). ``()`` clears
-        them and is always allowed. A target that cannot misbehave its service raises
+        before the scenario's load, and with ``()`` after it, whatever happened). ``()`` puts the
+        target's own default back (no faults, or the spec's ``target.upstream.faults``) and is
+        always allowed. A target that cannot misbehave its service raises
         ``UnsupportedParameter`` (the default) — never silently measures without the faults."""
         if faults:
             raise UnsupportedParameter(
-                f"the {self.name} target cannot apply service faults (scenario faults: "
-                f"{', '.join(f.kind for f in faults)}); remove them from the spec's scenarios")
+                f"the {self.name} target cannot apply service faults (scenario faults on "
+                f"{sum(f.endpoints for f in faults)} endpoint(s)); remove them from the spec's scenarios")
 
     @abstractmethod
     def apply(self, config: MeshConfig) -> None:

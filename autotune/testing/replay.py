@@ -31,7 +31,7 @@ import numpy as np
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.load import LoadResult, ProgressFn, StopFn, WindowFn
 from autotune.mesh import ISTIO_UNSET_LIMIT, MeshConfig
-from autotune.spec import FaultSpec, LoadSpec
+from autotune.spec import EndpointFault, LoadSpec
 from autotune.targets import Observed, ProxyUsage, Target
 
 #: Where each failure of a :class:`Point` is raised, like a real target or load would.
@@ -60,7 +60,7 @@ class Point:
 #: config can measure differently in a later round.
 PointFn = Callable[[MeshConfig, int], Point]
 #: What a config's point becomes under a load and service faults (a scenario).
-ConditionFn = Callable[[MeshConfig, Point, LoadSpec, tuple[FaultSpec, ...]], Point]
+ConditionFn = Callable[[MeshConfig, Point, LoadSpec, tuple[EndpointFault, ...]], Point]
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,9 @@ class Landscape:
                  conditions: ConditionFn | None = None) -> None:
         self._points = points
         self.conditions = conditions
-        self.faults: tuple[FaultSpec, ...] = ()
+        self.faults: tuple[EndpointFault, ...] = ()
         #: Every load run: (the config applied, the load, the faults in force, windows run).
-        self.runs_log: list[tuple[MeshConfig, LoadSpec, tuple[FaultSpec, ...], int]] = []
+        self.runs_log: list[tuple[MeshConfig, LoadSpec, tuple[EndpointFault, ...], int]] = []
         self.seed = seed
         self.interrupt_on_run = interrupt_on_run
         self.latency_factor = 1.0
@@ -224,7 +224,7 @@ class ReplayTarget(Target):
         self.closed = False
         self.restores = 0
         self.windows = 0
-        self.fault_calls: list[tuple[FaultSpec, ...]] = []
+        self.fault_calls: list[tuple[EndpointFault, ...]] = []
         self._window_start: float | None = None
 
     def start(self) -> None:
@@ -273,7 +273,7 @@ class ReplayTarget(Target):
 
     supports_service_faults = True
 
-    def set_service_faults(self, faults: Sequence[FaultSpec]) -> None:
+    def set_service_faults(self, faults: Sequence[EndpointFault]) -> None:
         """Put ``faults`` in force in the landscape (``()`` clears them); each call is logged in
         ``fault_calls``."""
         self._check()

@@ -314,6 +314,13 @@ class LocalTarget(Target):
         logger.info("endpoint faults: %s", [f.model_dump(by_alias=True, exclude_defaults=True)
                                             for f in faults] or "none")
 
+    supports_service_faults = True
+
+    def set_service_faults(self, faults: Sequence[EndpointFault]) -> None:
+        """A scenario's faults (see ``Target.set_service_faults``), in place of the spec's
+        ``target.upstream.faults``; ``()`` puts those back."""
+        self.set_endpoint_faults(faults if faults else self.spec.upstream.faults)
+
     @property
     def endpoint_faults(self) -> tuple[EndpointFault, ...]:
         """The endpoint faults in force (the spec's ``target.upstream.faults`` after start)."""
