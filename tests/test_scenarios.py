@@ -284,3 +284,30 @@ def test_scenario_settings_survive_a_copy_with_overrides(tmp_path: Path) -> None
     again = spec.with_overrides(**{"study.trials": 7})
     assert again.scenario_list() == spec.scenario_list()
     assert again.scenario_list()[2].constraints.min_throughput_ratio == 0.9  # failing: only maxErrorRate
+
+
+# --- on the real local target (Envoy, upstream processes, Locust) ---------------------------------
+
+
+@pytest.mark.slow
+def test_a_failing_endpoint_scenario_on_the_local_target_aborts_after_one_window(tmp_path: Path) -> None:
+    """steady (one window), then one of the two endpoints answering 503 to half its requests:
+    its first window breaks the scenario's 5 % error limit, so its two other windows are skipped;
+    the endpoints are healed afterwards."""
+    from autotune.targets import make_target
+    from autotune.targets.local import LocalTarget
+
+    spec = small_spec(tmp_path, **{
+        "scenarios": [{"name": "steady", "windows": 1},
+                      {"name": "failing", "faults": [{"endpoints": 1, "errorRate": 0.5}], "windows": 3}],
+        "constraints": {"failing": {"maxErrorRate": 0.05}}})
+    target = make_target(spec)
+    assert isinstance(target, LocalTarget)
+    with target:
+        m = measure_config(target, spec, MeshConfig())
+        assert target.endpoint_faults == ()  # healed after the scenario
+    print({k: round(v, 3) for k, v in m.metrics.items() if k.endswith(("error_rate", "p95_ms"))}, m.aborted)
+    assert m.metrics["steady.error_rate"] == 0.0
+    assert m.metrics["failing.error_rate"] > 0.05
+    assert m.aborted is not None and (m.aborted.scenario, m.aborted.skipped_windows) == ("failing", 2)
+    assert m.metrics["windows"] == 2 and m.aborted.saved_s == pytest.approx(2 * spec.timing.window)
