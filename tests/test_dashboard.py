@@ -22,6 +22,8 @@ import pytest
 import yaml
 from _scripted import scripted_spec_data
 
+from autotune.study import TrialRecord
+
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -164,7 +166,10 @@ def test_trial_page_shows_constraints_and_artifacts_open(server: str, browser: A
     viewer.wait_for()
     page.screenshot(path=tmp_path / "windows-csv.png")
     assert "throughput_ratio" in viewer.inner_text()
-    assert viewer.locator("tbody tr").count() == 3  # one row per measurement window
+    # One row per measurement window: 1 when it broke a constraint in its first (early abort).
+    study = optuna.load_study(study_name="scripted", storage=f"sqlite:///{study_dir}/s.db")
+    record = TrialRecord.read(study.trials[number])
+    assert viewer.locator("tbody tr").count() == len(record.windows) == (1 if record.aborted_after else 3)
 
 
 def test_study_note_shows_the_pareto_table(server: str, browser: Any, study_dir: Path, tmp_path: Path) -> None:
