@@ -88,7 +88,7 @@ def _spec(tmp_path: Path, **overrides: Any) -> StudySpec:
         "scenarios": SCENARIOS,
         "constraints": {"maxErrorRate": 0.01, "surge": {"maxErrorRate": 0.5, "minThroughputRatio": 0.0},
                         "failing": {"maxErrorRate": 0.3}},
-        "objectives": ["steady.latency_p95_ms", "surge.goodput_slo_rps", "cpu_cores"],
+        "objectives": ["steady.latency_p95_ms", "surge.goodput_slo_rps", "cpu_used_cores"],
         "measurement.repeats": 2, "measurement.maxRepeats": 2,
         "parameters": {"connectionPool.tcp.maxConnections": {"low": 1, "high": 1024, "log": True},
                        "proxy.cpuLimit": {"low": "100m", "high": "1", "log": True}},
@@ -142,7 +142,7 @@ def test_a_study_records_and_exports_per_scenario_metrics_and_constraints(tmp_pa
         if rec.aborted_after is None:
             # Objectives read the named scenario's metric; surge.goodput_slo_rps is maximized.
             assert t.values == [rec.metrics["steady.latency_p95_ms"], rec.metrics["surge.goodput_slo_rps"],
-                                rec.metrics["cpu_cores"]]
+                                rec.metrics["cpu_used_cores"]]
             # The surge sheds load within its own (looser) rules: feasible when steady is.
             assert t.constraints["surge.error_rate"] == pytest.approx(rec.metrics["surge.error_rate"] - 0.5)
             assert rec.feasible == (rec.metrics["steady.error_rate"] <= 0.01)
@@ -210,7 +210,7 @@ def test_a_spec_without_scenarios_runs_one_steady_scenario_as_before(tmp_path: P
     for t in study.get_trials():
         assert set(t.constraints) == {"error_rate", "throughput_ratio"}
         rec = TrialRecord.read(t)
-        assert t.values == [rec.metrics["latency_p95_ms"], rec.metrics["cpu_cores"]]
+        assert t.values == [rec.metrics["latency_p95_ms"], rec.metrics["cpu_used_cores"]]
     export_study(study, results_dir(spec))
     header = _csv(results_dir(spec) / "trials.csv")[0]
     assert "latency_p95_ms" in header and not any(k.startswith("steady.") for k in header)

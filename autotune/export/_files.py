@@ -39,10 +39,12 @@ METRIC_COLUMNS = [
 SCENARIO_COLUMNS = [
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_p50_corrected_ms",
     "latency_p95_corrected_ms", "latency_p99_corrected_ms", "goodput_rps", "goodput_slo_rps",
-    "achieved_rps", "throughput_ratio", "error_rate", "cpu_cores", "cpu_throttled_ratio", "requests",
+    "achieved_rps", "throughput_ratio", "error_rate", "cpu_used_cores", "cpu_per_1k_rps",
+    "cpu_throttled_ratio", "requests",
 ]
 #: Per-window bookkeeping, not a scenario's result.
-_NOT_COLUMNS = frozenset({"window_s", "failures", "offered_rps", "cpu_reserved_cores", "cpu_throttled_s"})
+_NOT_COLUMNS = frozenset({"window_s", "failures", "offered_rps", "cpu_throttled_s", "cpu_cores",
+                          "cpu_reserved_cores", "cpu_requested_cores", "cpu_limit_cores"})
 
 
 def study_scenarios(study: optuna.Study) -> list[str]:
