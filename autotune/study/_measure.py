@@ -221,9 +221,10 @@ def measure_config(target: Target, spec: StudySpec, config: MeshConfig,
             planned += sum(_planned_s(spec, s, repeats) for s in rest)
             aborted = Abort(scenario=scenario.name, window=1, skipped_windows=skipped,
                             skipped_scenarios=[s.name for s in rest], saved_s=planned - run_s)
-            logger.info("%s broke a constraint in the first window of %s: skipping %d window(s) and "
-                        "scenarios %s, saving %.0f s of load", config.describe(), scenario.name, skipped,
-                        aborted.skipped_scenarios or "none", aborted.saved_s)
+            also = f" and scenario(s) {', '.join(aborted.skipped_scenarios)}" if rest else ""
+            logger.info("%s broke a constraint in the first window of %s: skipping %d window(s)%s, "
+                        "saving %.0f s of load", config.describe(), scenario.name, skipped, also,
+                        aborted.saved_s)
             break
     t3 = time.monotonic()
     metrics["windows"] = float(windows)
