@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -42,3 +45,27 @@ def nothing_left_behind() -> Iterator[None]:
     cgroups = sorted(set(_autotune_cgroups()) - before)
     assert not leftovers, f"processes left behind: {leftovers}"
     assert not cgroups, f"cgroups left behind: {cgroups}"
+
+
+@pytest.fixture
+def fast_storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The study storage of ``small_spec(tmp_path)`` specs in memory-backed /dev/shm when there is
+    one: SQLite's syncs are most of a replayed trial's time. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("fast_storage")``."""
+    import _specs
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        yield
+        return
+    with tempfile.TemporaryDirectory(dir=shm, prefix="autotune-test-") as tmp:
+        real = _specs.small_spec_data
+
+        def data(path: Path, **overrides: Any) -> dict[str, Any]:
+            out = real(path, **overrides)
+            if "study.storage" not in overrides:
+                out["study"]["storage"] = f"sqlite:///{tmp}/s.db"
+            return out
+
+        monkeypatch.setattr(_specs, "small_spec_data", data)
+        yield

@@ -19,24 +19,14 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
+from _local import needs_cgroup, needs_envoy
 from autotune.errors import TargetError, TrialFailed, UnsupportedParameter
 from autotune.mesh import ISTIO_UNSET_LIMIT, PARAMETERS, MeshConfig
 from autotune.spec import LocalTargetSpec, SearchParam, ServiceRef, UpstreamSpec
 from autotune.targets.local import LocalTarget, _target
-from autotune.targets.local._cgroup import CgroupSupport, CpuCgroup, detect, list_autotune_cgroups
-from autotune.targets.local._envoy import find_envoy_binary
+from autotune.targets.local._cgroup import CgroupSupport, CpuCgroup, list_autotune_cgroups
 from autotune.targets.local._upstream import UpstreamProcess
 
-SUPPORT = detect()
-try:
-    find_envoy_binary()
-    ENVOY_MISSING = ""
-except TargetError as exc:
-    ENVOY_MISSING = str(exc)
-
-needs_envoy = pytest.mark.skipif(bool(ENVOY_MISSING), reason=ENVOY_MISSING)
-needs_cgroup = pytest.mark.skipif(not SUPPORT.available,
-                                  reason=f"no writable CPU cgroup: {SUPPORT.reason}")
 pytestmark = [needs_envoy, needs_cgroup]
 
 SERVICE = ServiceRef(name="backend", namespace="demo", port=8080)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import csv
 import logging
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 
-import _specs
 from _specs import small_spec
 from autotune.errors import FailReason
 from autotune.export import export_study, pareto_frame, results_dir
@@ -31,26 +28,7 @@ from autotune.study import (
 )
 from autotune.testing.replay import Landscape, Point, ReplayDriver, ReplayTarget
 
-
-@pytest.fixture(autouse=True)
-def _fast_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The study storage in memory-backed /dev/shm when there is one: SQLite's syncs are most of a
-    replayed trial's time. Specs made with ``small_spec(tmp_path)`` pick it up."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        yield
-        return
-    with tempfile.TemporaryDirectory(dir=shm, prefix="autotune-test-") as tmp:
-        real = _specs.small_spec_data
-
-        def data(path: Path, **overrides: Any) -> dict[str, Any]:
-            out = real(path, **overrides)
-            if "study.storage" not in overrides:
-                out["study"]["storage"] = f"sqlite:///{tmp}/s.db"
-            return out
-
-        monkeypatch.setattr(_specs, "small_spec_data", data)
-        yield
+pytestmark = pytest.mark.usefixtures("fast_storage")
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

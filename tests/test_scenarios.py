@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import optuna
 import pytest
 
-import _specs
 from _specs import small_spec
 from autotune.errors import SpecError, UnsupportedParameter
 from autotune.export import export_study, results_dir
@@ -30,24 +28,7 @@ from autotune.testing.replay import Landscape, Point, ReplayDriver, ReplayTarget
 STEADY_RPS, SURGE_RPS = 100.0, 300.0  # small_spec: 5 users x 20/s; the surge: 10 users x 30/s
 
 
-@pytest.fixture(autouse=True)
-def _fast_storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The study storage in memory-backed /dev/shm when there is one (as in test_loop.py)."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        yield
-        return
-    with tempfile.TemporaryDirectory(dir=shm, prefix="autotune-test-") as tmp:
-        real = _specs.small_spec_data
-
-        def data(path: Path, **overrides: Any) -> dict[str, Any]:
-            out = real(path, **overrides)
-            if "study.storage" not in overrides:
-                out["study"]["storage"] = f"sqlite:///{tmp}/s.db"
-            return out
-
-        monkeypatch.setattr(_specs, "small_spec_data", data)
-        yield
+pytestmark = pytest.mark.usefixtures("fast_storage")
 
 
 SCENARIOS = [

@@ -20,14 +20,13 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
+from _local import ENVOY_MISSING, SUPPORT
 from autotune.errors import SpecError, TargetError
 from autotune.mesh import MeshConfig
 from autotune.spec import EndpointFault, LocalTargetSpec, ServiceRef, UpstreamSpec, parse_spec
 from autotune.targets import ProxyUsage
 from autotune.targets.local import LocalTarget
-from autotune.targets.local._cgroup import detect
 from autotune.targets.local._counters import ENVOY_COUNTERS
-from autotune.targets.local._envoy import find_envoy_binary
 from autotune.targets.local._target import endpoint_faults
 from autotune.targets.local._upstream import Faults, ServiceTimeSampler
 
@@ -194,12 +193,6 @@ def _run(target: LocalTarget, rps: float, seconds: float = 3.0) -> Run:
     return Run(latencies, statuses, usage, _upstream_cpu_s(target) - cpu0)
 
 
-SUPPORT = detect()
-try:
-    find_envoy_binary()
-    ENVOY_MISSING = ""
-except TargetError as exc:
-    ENVOY_MISSING = str(exc)
 real = pytest.mark.skipif(bool(ENVOY_MISSING) or not SUPPORT.available,
                           reason=ENVOY_MISSING or f"no writable CPU cgroup: {SUPPORT.reason}")
 

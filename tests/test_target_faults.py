@@ -23,26 +23,14 @@ from typing import Any
 import psutil
 import pytest
 
+from _local import needs_cgroup, needs_envoy
 from autotune._process import child_env, die_with_parent
-from autotune.errors import FailReason, TargetError, TrialFailed
+from autotune.errors import FailReason, TrialFailed
 from autotune.mesh import MeshConfig
 from autotune.spec import LocalTargetSpec, ServiceRef, UpstreamSpec
 from autotune.targets._base import Observed
 from autotune.targets.local import LocalTarget, _target
-from autotune.targets.local._cgroup import detect
-from autotune.targets.local._envoy import find_envoy_binary
 from autotune.targets.local._leftovers import state_dir, sweep
-
-SUPPORT = detect()
-try:
-    find_envoy_binary()
-    ENVOY_MISSING = ""
-except TargetError as exc:
-    ENVOY_MISSING = str(exc)
-
-needs_envoy = pytest.mark.skipif(bool(ENVOY_MISSING), reason=ENVOY_MISSING)
-needs_cgroup = pytest.mark.skipif(not SUPPORT.available,
-                                  reason=f"no writable CPU cgroup: {SUPPORT.reason}")
 
 SERVICE = ServiceRef(name="backend", namespace="demo", port=8080)
 SPEC = LocalTargetSpec(upstream=UpstreamSpec(endpoints=2, service_time_ms=0, response_bytes=128))
