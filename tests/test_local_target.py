@@ -36,12 +36,8 @@ SPEC = LocalTargetSpec(upstream=UpstreamSpec(endpoints=2, service_time_ms=0, res
 @pytest.fixture
 def target() -> Iterator[LocalTarget]:
     """A started target per test (conftest checks that no process or cgroup outlives a test)."""
-    t = LocalTarget(SPEC, SERVICE)
-    t.start()
-    try:
+    with LocalTarget(SPEC, SERVICE) as t:  # starts, and closes whatever the test did
         yield t
-    finally:
-        t.close()
 
 
 def _drive(url: str, seconds: float, clients: int = 8) -> float:

@@ -200,12 +200,8 @@ real = pytest.mark.skipif(bool(ENVOY_MISSING) or not SUPPORT.available,
 @pytest.fixture
 def target() -> Iterator[LocalTarget]:
     """A started target per test (conftest checks that no process outlives a test)."""
-    t = LocalTarget(SPEC, SERVICE)
-    t.start()
-    try:
+    with LocalTarget(SPEC, SERVICE) as t:  # starts, and closes whatever the test did
         yield t
-    finally:
-        t.close()
 
 
 @real

@@ -153,12 +153,8 @@ def test_the_sweep_kills_a_recorded_leftover_process_but_nothing_of_a_live_owner
 
 @pytest.fixture
 def target() -> Iterator[LocalTarget]:
-    t = LocalTarget(SPEC, SERVICE)
-    t.start()
-    try:
+    with LocalTarget(SPEC, SERVICE) as t:  # starts, and closes whatever the test did
         yield t
-    finally:
-        t.close()
 
 
 def _traffic(url: str, stop: threading.Event) -> threading.Thread:
