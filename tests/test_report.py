@@ -72,6 +72,11 @@ def test_study_start_piped_prints_every_column_whole(finished: tuple[Path, str])
     rows = _pareto_rows(tmp)
     assert len(rows) >= 3 and any(r["confirmed"] == "True" for r in rows)
     _check_whole_table(out, rows)
+    knobs = out.split("Which knobs matter (family-wise alpha 0.10", 1)[1].splitlines()
+    assert knobs[1].split() == ["parameter", "matters?", "where", "(scenario.metric)", "effect", "size",
+                                "/", "p-value"]
+    assert next(line for line in knobs if line.startswith("proxy.cpuLimit ")).split()[1:3] == [
+        "yes", "steady.cpu_reserved_cores"]
     assert max(len(line) for line in out.splitlines()) > 80  # wider than the 80 columns rich assumes
 
 
@@ -116,7 +121,13 @@ def test_report_holds_the_numbers_of_pareto_csv(finished: tuple[Path, str]) -> N
     assert f"kubectl apply -f {folder / 'destinationrule.yaml'}" in md
     assert f"--type merge --patch-file {folder / 'deployment-patch.yaml'}" in md
     assert (folder / "deployment-patch.yaml").exists()
-    assert "not a statistical test" in md
+    knobs = md.split("## Which knobs mattered\n", 1)[1].split("### Ranges explored", 1)[0]
+    searched = ["connectionPool.tcp.maxConnections", "connectionPool.http.http1MaxPendingRequests",
+                "proxy.cpuLimit"]
+    verdicts = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in knobs.splitlines()
+                if line.startswith("| ") and " | " in line and not line.startswith("| :")}
+    assert set(searched) <= set(verdicts)  # every searched knob has a row
+    assert verdicts["proxy.cpuLimit"] == "yes"  # the CPU limit is its own objective
     page = (out / "report.html").read_text()
     assert "<table>" in page and "Plotly.newPlot" in page and 'src="https://cdn' not in page  # plotly.js embedded
 

@@ -103,6 +103,7 @@ def study_start(spec_path: Path, **opts: Any) -> None:
                       "command again to continue the study.")
         sys.exit(130)
     _print_pareto(st)  # before the export: a results folder that cannot be written loses no table
+    _print_knobs(st)
     export_study(st, results_dir(spec))
     console.print(f"results: {results_dir(spec)}/ (trials.csv, pareto.csv, manifests)")
 
@@ -156,6 +157,16 @@ def _print_pareto(st: optuna.Study) -> None:
     print_table(pareto_text_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))
 
 
+def _print_knobs(st: optuna.Study) -> None:
+    """The verdict on each searched knob (stored at the end of the study), as one table."""
+    from autotune.export import knob_effects_table
+    from autotune.study import knob_effects_of
+
+    effects = knob_effects_of(st)
+    if effects is not None:
+        print_table(knob_effects_table(effects))
+
+
 @main.command()
 @click.argument("name")
 @storage_option
@@ -167,6 +178,7 @@ def pareto(name: str, storage: str, fmt: str) -> None:
     st = _load(name, storage)
     if fmt == "table":
         _print_pareto(st)
+        _print_knobs(st)
     elif fmt == "csv":
         click.echo(pareto_frame(st).to_csv(index=False), nl=False)
     else:

@@ -3,6 +3,7 @@ ready-to-apply manifests per Pareto config."""
 
 from __future__ import annotations
 
+from autotune.export._effects import knob_effects_table
 from autotune.export._files import (
     METRIC_COLUMNS,
     Exported,
@@ -23,6 +24,7 @@ __all__ = [
     "TextTable",
     "export_study",
     "front_with_baseline",
+    "knob_effects_table",
     "pareto_frame",
     "pareto_text_table",
     "results_dir",

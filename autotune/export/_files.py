@@ -13,6 +13,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.errors import ExportError
+from autotune.export._effects import minimal_manifests
 from autotune.export._report import write_report
 from autotune.mesh import PARAMETERS, format_cpu
 from autotune.spec import StudySpec
@@ -21,6 +22,8 @@ from autotune.study import (
     TrialRecord,
     baseline_trial,
     confirmation_of,
+    knob_effects_of,
+    minimal_config,
     pareto_trials,
     study_objectives,
     study_spec,
@@ -122,8 +125,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The feasible Pareto front with, per objective, the change against the nearest baseline
     in %, and, once confirmation ran, whether each config is confirmed with the interval of
-    each objective's change (``<metric>_ci_low_pct`` … ``_ci_high_pct``)."""
+    each objective's change (``<metric>_ci_low_pct`` … ``_ci_high_pct``). ``minimal_config`` is
+    the config the manifests write (knobs with no detected effect back to Istio's default,
+    listed in ``reset_to_default``); the metrics are the trial's, measured as searched."""
     metrics = study_objectives(study) or []
+    effects = knob_effects_of(study)
     confirmation = confirmation_of(study)
     confirmed = confirmation.results if confirmation else {}
     rows = []
@@ -147,6 +153,9 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
             row[f"{metric}_ci_low_pct"] = change.low_pct if change else None
             row[f"{metric}_ci_high_pct"] = change.high_pct if change else None
         row["confirmation_note"] = entry.reason if entry else None
+        minimal, reset = minimal_config(TrialRecord.read(t).config, effects)
+        row["minimal_config"] = minimal.describe()
+        row["reset_to_default"] = ", ".join(reset) or None
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -174,7 +183,9 @@ class Exported:
 def export_study(study: optuna.Study, out_dir: Path) -> Exported:
     """Write ``trials.csv``, ``pareto.csv``, ``pareto.html`` and, for each Pareto trial,
     ``trial-<n>/{destinationrule,deployment-patch}.yaml`` (and ``virtualservice.yaml`` when a
-    route setting is tuned) under ``out_dir``. Overwrites.
+    route setting is tuned) under ``out_dir``. Overwrites. The manifests are the trial's minimal
+    config: the knobs with no detected effect (the study's stored verdicts) are left out, so
+    Istio's defaults apply to them; without verdicts, the config as searched.
     A folder or file that cannot be written raises ``ExportError`` naming it."""
     try:
         return _export(study, out_dir)
@@ -189,16 +200,20 @@ def _export(study: optuna.Study, out_dir: Path) -> Exported:
     trials_frame(study).to_csv(trials_csv, index=False)
     pareto_frame(study).to_csv(pareto_csv, index=False)
     dirs = []
+    effects, spec = knob_effects_of(study), study_spec(study)
     for t in pareto_trials(study):
         d = out_dir / f"trial-{t.number:03d}"
         d.mkdir(exist_ok=True)
-        manifests = TrialRecord.read(t).manifests
+        record = TrialRecord.read(t)
+        manifests = minimal_manifests(record, *minimal_config(record.config, effects), spec)
         for name in MANIFESTS:
             if name in manifests:  # virtualservice.yaml only when a route setting is tuned
                 (d / name).write_text(manifests[name], encoding="utf-8")
+            else:  # an earlier export's, of a config that tuned it
+                (d / name).unlink(missing_ok=True)
         dirs.append(d)
     # report.md, report.html, pareto.html; the report is also the study's note in the dashboard.
     write_report(study, out_dir, trials_frame(study), pareto_frame(study), front_with_baseline(study),
-                 objectives=study_objectives(study) or [], spec=study_spec(study),
-                 confirmation=confirmation_of(study))
+                 objectives=study_objectives(study) or [], spec=spec,
+                 confirmation=confirmation_of(study), effects=effects)
     return Exported(out_dir, trials_csv, pareto_csv, dirs)

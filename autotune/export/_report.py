@@ -2,9 +2,10 @@
 
 Built from the same frames as ``trials.csv`` and ``pareto.csv`` (so the numbers match them), it
 holds the Pareto table against the baseline, the confirmation intervals, the baseline drift
-checks, the parameter ranges explored (feasible trials vs the front) and the commands that apply
-the recommended config. Written as ``report.md`` and ``report.html`` (with the Pareto chart) next
-to ``trials.csv``, and saved as the study's note with the chart for optuna-dashboard.
+checks, which knobs mattered (the study's stored verdicts) with the parameter ranges explored
+(feasible trials vs the front) and the commands that apply the recommended config. Written as
+``report.md`` and ``report.html`` (with the Pareto chart) next to ``trials.csv``, and saved as
+the study's note with the chart for optuna-dashboard.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import TYPE_CHECKING
 import optuna
 import pandas as pd
 
+from autotune.export._effects import knob_effects_section
 from autotune.export._table import fmt, label, pareto_text_table, pct
 from autotune.mesh import NO_LIMIT, PARAMETERS, format_cpu, parse_cpu
-from autotune.study import Confirmation
+from autotune.study import Confirmation, KnobEffects
 from autotune.study import metric_name as _study_metric_name
 
 if TYPE_CHECKING:
@@ -118,11 +120,9 @@ def knobs_section(trials: pd.DataFrame, front: pd.DataFrame) -> list[str]:
     """Per searched parameter, the values tried by feasible trials, on the front, by infeasible ones."""
     done = _measured(trials)
     searched = [n for n in PARAMETERS if n in done and done[n].notna().any()]
-    lines = ["## Which knobs mattered", "",
-             "Range of each searched parameter (min – max, number of trials) among the measured trials. "
-             "This is descriptive, **not a statistical test**: a front that keeps to a narrow part of "
-             "the feasible range, or infeasible trials gathered at one end, hint that the knob matters "
-             "for these objectives; equal ranges say the search found no preference within its budget.", ""]
+    lines = ["### Ranges explored", "",
+             "Range of each searched parameter (min – max, number of trials) among the measured trials "
+             "(descriptive: where the search went, feasible or not, and what the front kept).", ""]
     if not searched:
         return [*lines, "No parameter was searched in a measured trial.", ""]
     lines += ["| parameter | feasible trials | Pareto front | infeasible trials |", "| :--- | :--- | :--- | :--- |"]
@@ -157,7 +157,8 @@ def drift_section(trials: pd.DataFrame) -> list[str]:
 
 def confirmation_section(front: pd.DataFrame, objectives: Sequence[str],
                          confirmation: Confirmation | None) -> list[str]:
-    """Each confirmed-or-not Pareto config with every objective's change and its interval."""
+    """Each confirmed-or-not Pareto config with every objective's change and its interval, and
+    the knobs its measured (minimal) config had back at Istio's default."""
     lines = ["## Confirmation", ""]
     rows = front[front["confirmed"].notna()] if "confirmed" in front else front.iloc[0:0]
     if rows.empty:
@@ -168,15 +169,21 @@ def confirmation_section(front: pd.DataFrame, objectives: Sequence[str],
     lines += [f"Each Pareto config and the baseline were measured again in {rounds} "
               f"interleaved rounds; changes are paired against the same round's baseline, with "
               f"{100 * confidence:.0f} % confidence intervals. A config is confirmed "
-              "when it stayed feasible in every round and an objective improved beyond its interval.", "",
+              "when it stayed feasible in every round and an objective improved beyond its interval. "
+              "Each was measured as its minimal config (the manifests' config): the knobs in "
+              "`reset` had no detected effect and were left at Istio's default.", "",
               "| trial | confirmed | " + " | ".join(f"{metric_name(m)} change [CI]" for m in objectives)
-              + " | note |", "| ---: | :--- | " + " | ".join("---:" for _ in objectives) + " | :--- |"]
+              + " | reset | note |", "| ---: | :--- | " + " | ".join("---:" for _ in objectives)
+              + " | :--- | :--- |"]
+    results = confirmation.results if confirmation else {}
     for _, r in rows.iterrows():
         changes = [f"{pct(r.get(f'{m}_confirmed_change_pct'))} [{pct(r.get(f'{m}_ci_low_pct'))}, "
                    f"{pct(r.get(f'{m}_ci_high_pct'))}]" for m in objectives]
         note = r.get("confirmation_note")
+        entry = results.get(int(r["trial"]))
+        reset = ", ".join(f"`{k}`" for k in entry.reset) if entry and entry.reset else "-"
         lines.append(f"| {r['trial']} | {'yes' if r['confirmed'] else 'no'} | " + " | ".join(changes)
-                     + f" | {'' if pd.isna(note) or note is None else note} |")
+                     + f" | {reset} | {'' if pd.isna(note) or note is None else note} |")
     return [*lines, ""]
 
 
@@ -202,7 +209,13 @@ def apply_section(front: pd.DataFrame, out_dir: Path, deployment: str, namespace
     if row is None:
         return [*lines, f"Nothing to apply: {why}.", ""]
     folder = out_dir / f"trial-{int(row['trial']):03d}"
-    return [*lines, f"Recommended: trial {row['trial']} — `{row['config']}` ({why}).", "",
+    minimal, reset = row.get("minimal_config"), row.get("reset_to_default")
+    if isinstance(reset, str) and reset and isinstance(minimal, str):
+        what = (f"`{minimal}` ({why}; searched as `{row['config']}`, the knobs with no detected "
+                f"effect left at Istio's default: {reset})")
+    else:
+        what = f"`{row['config']}` ({why})"
+    return [*lines, f"Recommended: trial {row['trial']} — {what}.", "",
             "```sh",
             f"kubectl apply -f {folder / 'destinationrule.yaml'}",
             f"kubectl -n {namespace} patch deployment {deployment} --type merge "
@@ -214,9 +227,10 @@ def apply_section(front: pd.DataFrame, out_dir: Path, deployment: str, namespace
 def report_markdown(study_name: str, objectives: Sequence[str], directions: Sequence[str],
                     trials: pd.DataFrame, front: pd.DataFrame, table_frame: pd.DataFrame,
                     confirmation: Confirmation | None, out_dir: Path, deployment: str,
-                    namespace: str) -> str:
+                    namespace: str, effects: KnobEffects | None = None) -> str:
     """The whole report as Markdown. ``front`` is ``pareto_frame`` (what ``pareto.csv`` holds),
-    ``table_frame`` the front with the baseline row (``front_with_baseline``)."""
+    ``table_frame`` the front with the baseline row (``front_with_baseline``), ``effects`` the
+    study's knob verdicts."""
     done = _measured(trials)
     n_base = int(done["baseline"].astype(bool).sum()) if not done.empty else 0
     n_feasible = int(done["feasible"].astype(bool).sum()) if not done.empty else 0
@@ -235,6 +249,7 @@ def report_markdown(study_name: str, objectives: Sequence[str], directions: Sequ
                   table.markdown(), ""]
     lines += confirmation_section(front, objectives, confirmation)
     lines += drift_section(trials)
+    lines += knob_effects_section(effects)
     lines += knobs_section(trials, front)
     lines += apply_section(front, out_dir, deployment, namespace)
     units = ", ".join(f"`{label(m)}` = {metric_name(m)}" for m in objectives)
@@ -279,7 +294,7 @@ def _workload(spec: Mapping[str, object]) -> tuple[str, str]:
 
 def write_report(study: optuna.Study, out_dir: Path, trials: pd.DataFrame, front: pd.DataFrame,
                  table_frame: pd.DataFrame, *, objectives: Sequence[str], spec: Mapping[str, object],
-                 confirmation: Confirmation | None) -> tuple[Path, Path]:
+                 confirmation: Confirmation | None, effects: KnobEffects | None = None) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``pareto.html`` under ``out_dir`` and save the report
     as the study's note with the Pareto chart. ``trials``/``front``/``table_frame`` are
     ``trials_frame``/``pareto_frame``/``front_with_baseline`` of the study. Overwrites."""
@@ -287,7 +302,7 @@ def write_report(study: optuna.Study, out_dir: Path, trials: pd.DataFrame, front
     figure = pareto_figure(study.study_name, objectives, trials, front)
     deployment, namespace = _workload(spec)
     md = report_markdown(study.study_name, objectives, directions, trials, front, table_frame,
-                         confirmation, out_dir, deployment, namespace)
+                         confirmation, out_dir, deployment, namespace, effects)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(report_html(md, figure, f"Study {study.study_name}"), encoding="utf-8")

@@ -168,6 +168,17 @@ def deployment_patch(config: MeshConfig, sidecar: SidecarResources) -> dict[str,
     return {"spec": {"template": {"metadata": {"annotations": sidecar_annotations(config, sidecar)}}}}
 
 
+def manifest_files(config: MeshConfig, service: ServiceRef, sidecar: SidecarResources) -> dict[str, str]:
+    """The files a user applies for ``config``, by name: ``destinationrule.yaml``,
+    ``deployment-patch.yaml`` and, only when a route setting is tuned, ``virtualservice.yaml``."""
+    files = {"destinationrule.yaml": to_yaml(destination_rule(config, service)),
+             "deployment-patch.yaml": to_yaml(deployment_patch(config, sidecar))}
+    vs = virtual_service(config, service)
+    if vs is not None:
+        files["virtualservice.yaml"] = to_yaml(vs)
+    return files
+
+
 def to_yaml(obj: Mapping[str, object]) -> str:
     """Block-style YAML with keys in insertion order, as a user would write it."""
     return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)

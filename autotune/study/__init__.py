@@ -1,7 +1,8 @@
 """The study loop: propose a config, measure it on a target under a load, record it, confirm the front.
 
 Public pieces: ``run_study`` / ``run_single`` (the loop), ``measure_config`` (one measurement),
-``confirm_front`` (interleaved re-measurement of the front), the front and baseline queries, the
+``confirm_front`` (interleaved re-measurement of the front), which knobs mattered
+(``knob_effects``, ``minimal_config``), the front and baseline queries, the
 trial record (``TrialRecord``, the only code that knows how a trial is stored), the statistics,
 the objectives and constraints, samplers and storage, and the ``Observer`` protocol.
 """
@@ -9,6 +10,7 @@ the objectives and constraints, samplers and storage, and the ``Observer`` proto
 from __future__ import annotations
 
 from autotune.study._confirm import confirm_front
+from autotune.study._effects import effect_metrics, knob_effects, minimal_config, record_knob_effects
 from autotune.study._front import baseline_trial, pareto_trials
 from autotune.study._lease import StudyLease
 from autotune.study._loop import (
@@ -38,11 +40,15 @@ from autotune.study._record import (
     MANIFESTS,
     Confirmation,
     ConfirmedConfig,
+    KnobEffects,
+    KnobTest,
+    KnobVerdict,
     ObjectiveChange,
     StudyState,
     TrialRecord,
     confirmation_of,
     is_feasible,
+    knob_effects_of,
     study_objectives,
     study_spec,
 )
@@ -59,6 +65,9 @@ __all__ = [
     "Change",
     "Confirmation",
     "ConfirmedConfig",
+    "KnobEffects",
+    "KnobTest",
+    "KnobVerdict",
     "Measurement",
     "NullObserver",
     "ObjectiveChange",
@@ -76,18 +85,23 @@ __all__ = [
     "counted_trials",
     "cv",
     "default_driver",
+    "effect_metrics",
     "fail_crashed_trials",
     "is_feasible",
+    "knob_effects",
+    "knob_effects_of",
     "make_sampler",
     "make_storage",
     "measure_config",
     "metric_label",
     "metric_name",
+    "minimal_config",
     "objective_values",
     "open_study",
     "outcome_of",
     "paired_change",
     "pareto_trials",
+    "record_knob_effects",
     "redact",
     "resolve_url",
     "retry_storage",

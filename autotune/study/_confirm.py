@@ -6,11 +6,17 @@ hold. After the search, each Pareto config B and the baseline A are measured aga
 round r's A, which cancels slow drift of the machine. A config is *confirmed* when it stayed
 feasible in every round and at least one objective improved with the whole confidence interval on
 the better side. The intervals of the other objectives are reported, so a trade-off is visible.
+
+What is measured is each Pareto config's *minimal* config: its knobs with no detected effect
+(the study's stored ``KnobEffects``, see ``_effects``) put back to Istio's default, which is
+what the export writes; each result names the knobs reset. Without stored verdicts, or when no
+knob is reset, it is the trial's config as searched.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -19,6 +25,7 @@ from autotune.errors import AutotuneError, TrialFailed
 from autotune.load import LoadDriver
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
+from autotune.study._effects import minimal_config
 from autotune.study._front import pareto_trials
 from autotune.study._measure import default_driver, measure_config
 from autotune.study._objectives import lookup, violations
@@ -29,6 +36,7 @@ from autotune.study._record import (
     ObjectiveChange,
     TrialRecord,
     confirmation_of,
+    knob_effects_of,
     set_confirmation,
 )
 from autotune.study._stats import paired_change
@@ -47,9 +55,10 @@ def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
                   observer: Observer | None = None, *,
                   load: LoadDriver | None = None) -> Confirmation | None:
     """Run the confirmation rounds on a started target under ``load`` (default: Locust with the
-    spec's locustfile) and store the result on the study. Skipped, returning the stored result,
-    when the same front was already confirmed with as many rounds. Returns ``None`` when there is
-    nothing to confirm."""
+    spec's locustfile) and store the result on the study. Each Pareto config is measured as its
+    minimal config (see the module docstring). Skipped, returning the stored result, when the same
+    front was already confirmed with as many rounds and the same knobs reset. Returns ``None``
+    when there is nothing to confirm."""
     obs = observer or NullObserver()
     driver = load or default_driver(spec)
     rounds = spec.measurement.confirm_rounds
@@ -57,14 +66,22 @@ def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
     if rounds == 0 or not front:
         return None
     key = [t.number for t in front]
+    effects = knob_effects_of(study)
+    minimal = {t.number: minimal_config(TrialRecord.read(t).config, effects) for t in front}
+    resets = {n: reset for n, (_, reset) in minimal.items()}
     previous = confirmation_of(study)
-    if previous and previous.trials == key and previous.rounds == rounds:
+    if (previous and previous.trials == key and previous.rounds == rounds
+            and all(previous.results[n].reset == resets[n] for n in key if n in previous.results)):
         return previous
     metrics: list[str] = [o.metric for o in spec.objectives]
     runs: dict[str, list[dict[str, float] | None]] = {label: [] for label in ["baseline", *map(str, key)]}
     total = rounds * (len(front) + 1)
     step = 0
-    configs = [(str(t.number), TrialRecord.read(t).config) for t in front]
+    configs = [(str(n), minimal[n][0]) for n in key]
+    for n in key:
+        if resets[n]:
+            logger.info("confirming trial %d as its minimal config %s (back to Istio's default, no "
+                        "detected effect: %s)", n, minimal[n][0].describe(), ", ".join(resets[n]))
     for r in range(rounds):
         order = configs if r % 2 == 0 else configs[::-1]
         for label, config in [("baseline", MeshConfig()), *order]:
@@ -72,7 +89,7 @@ def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,
             obs.trial_started(int(label) if label != "baseline" else -1, step, total, config,
                               label == "baseline", stage="confirm")
             runs[label].append(_measure(target, spec, config, obs, driver))
-    result = _evaluate(spec, key, runs, metrics)
+    result = _evaluate(spec, key, runs, metrics, resets)
     set_confirmation(study, result)
     return result
 
@@ -92,11 +109,14 @@ def _measure(target: Target, spec: StudySpec, config: MeshConfig, obs: Observer,
 
 
 def _evaluate(spec: StudySpec, key: list[int], runs: dict[str, list[dict[str, float] | None]],
-              metrics: list[str]) -> Confirmation:
+              metrics: list[str], resets: dict[int, list[str]] | None = None) -> Confirmation:
     """The confirmation of the configs ``key`` from their runs and the baseline's (by label, one
-    entry per round, ``None`` for a failed run)."""
+    entry per round, ``None`` for a failed run); ``resets``: the knobs each measured config had
+    put back to Istio's default."""
     base_runs = runs["baseline"]
-    results = {number: _decide(spec, number, base_runs, runs[str(number)], metrics) for number in key}
+    results = {number: replace(_decide(spec, number, base_runs, runs[str(number)], metrics),
+                               reset=list((resets or {}).get(number, [])))
+               for number in key}
     first = spec.scenario_list()[0].name
     baseline = {m: [lookup(r, m, first) if r else None for r in base_runs] for m in metrics}
     return Confirmation(trials=list(key), rounds=len(base_runs), confidence=spec.measurement.confidence,

@@ -25,14 +25,12 @@ from autotune.mesh import (
     PARAMETERS,
     MeshConfig,
     ParamValue,
-    deployment_patch,
-    destination_rule,
-    to_yaml,
-    virtual_service,
+    manifest_files,
 )
 from autotune.spec import SearchParam, StudySpec
 from autotune.study._artifacts import artifacts_dir, open_store, upload_measurement
 from autotune.study._confirm import confirm_front
+from autotune.study._effects import record_knob_effects
 from autotune.study._front import baseline_trial, pareto_trials
 from autotune.study._lease import StudyLease
 from autotune.study._measure import Measurement, default_driver, measure_config
@@ -244,11 +242,7 @@ class _Objective:
 
     def _start(self, trial: Trial, config: MeshConfig, baseline: bool, drift_check: bool) -> TrialRecord:
         """Record the config (and its manifests) before measuring, and tell the observer."""
-        manifests = {"destinationrule.yaml": to_yaml(destination_rule(config, self.spec.service)),
-                     "deployment-patch.yaml": to_yaml(deployment_patch(config, self.spec.sidecar))}
-        vs = virtual_service(config, self.spec.service)
-        if vs is not None:  # only when a route setting is tuned
-            manifests["virtualservice.yaml"] = to_yaml(vs)
+        manifests = manifest_files(config, self.spec.service, self.spec.sidecar)
         record = TrialRecord(config=config, baseline=baseline, drift_check=drift_check,
                              worker=self.worker, manifests=manifests)
         self._write(trial, record, "record the start")
@@ -399,7 +393,8 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
     the study goes on. On Ctrl-C (KeyboardInterrupt), SIGTERM (as the CLI maps it) or any other
     exception, the trial is recorded FAIL with its reason, the target restored and closed, and
     the exception re-raised; running again resumes. The storage's failures are retried within
-    ``RETRY_S`` and then raised as one ``StorageError``.
+    ``RETRY_S`` and then raised as one ``StorageError``. Once the budget is used, which knobs
+    mattered is tested and stored (``_effects``), then the front is confirmed as minimal configs.
     ``target`` defaults to the spec's, ``load`` to Locust with the spec's locustfile.
     Writes no files: exports are ``autotune.export``'s job.
     """
@@ -431,6 +426,7 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
                     obs.trial_finished(outcome_of(t), [outcome_of(p) for p in pareto_trials(study)])
                 if counted_trials(study) < total and _drift_check_due(study, spec.measurement.drift_every):
                     enqueue_baseline(study, drift_check=True)
+            record_knob_effects(study, spec, seed=spec.study.seed or 0)  # the minimal configs
             confirm_front(study, spec, tgt, obs, load=driver)
         finally:
             tgt.close()

@@ -11,7 +11,8 @@ Feasibility is not a user attribute: it is read from the constraints the loop se
 ``Trial.set_constraint`` (Optuna stores them as system attributes, ``FrozenTrial.constraints``).
 
 A study's record: ``objectives`` (metric names, in order), ``spec`` (the spec as JSON),
-``confirmation`` (the last confirmation result) and the target's durable state (``target.<key>``).
+``confirmation`` (the last confirmation result), ``knob_effects`` (which knobs mattered, see
+``_effects``) and the target's durable state (``target.<key>``).
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def queued_baseline(trial: FrozenTrial) -> bool:
 # -- the study's record ---------------------------------------------------------------------------
 
 _OBJECTIVES, _SPEC, _CONFIRMATION, _TARGET = "objectives", "spec", "confirmation", "target."
+_EFFECTS = "knob_effects"
 
 
 class _HasUserAttrs(Protocol):
@@ -225,7 +227,9 @@ class ConfirmedConfig:
     """The confirmation of one Pareto config (trial ``trial``): ``rounds`` paired rounds (both
     measured), ``infeasible_rounds`` rounds where it failed or broke a constraint, each objective's
     change (empty with fewer than 2 paired rounds), and why it is not ``confirmed`` (``None`` when
-    it is)."""
+    it is). ``reset``: the knobs of the trial's config that were put back to Istio's default for
+    the measurement, because they had no detected effect (the minimal config; empty: the trial's
+    config as searched)."""
 
     trial: int
     rounds: int
@@ -233,6 +237,7 @@ class ConfirmedConfig:
     changes: dict[str, ObjectiveChange]
     confirmed: bool
     reason: str | None = None
+    reset: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,7 @@ class _ConfigJSON(TypedDict):
     changes: dict[str, _ChangeJSON]
     confirmed: bool
     reason: NotRequired[str]
+    reset: NotRequired[list[str]]  # absent in studies confirmed before the minimal configs
 
 
 class _ConfirmationJSON(TypedDict):
@@ -291,7 +297,8 @@ def confirmation_of(study: optuna.Study) -> Confirmation | None:
         trial=int(n), rounds=c["rounds"], infeasible_rounds=c["infeasible_rounds"],
         changes={m: ObjectiveChange(ch["mean_pct"], ch["low_pct"], ch["high_pct"])
                  for m, ch in c["changes"].items()},
-        confirmed=c["confirmed"], reason=c.get("reason")) for n, c in data["results"].items()}
+        confirmed=c["confirmed"], reason=c.get("reason"), reset=list(c.get("reset", [])))
+        for n, c in data["results"].items()}
     return Confirmation(trials=data["trials"], rounds=data["rounds"], confidence=data["confidence"],
                         baseline=data["baseline"], results=results)
 
@@ -307,11 +314,116 @@ def set_confirmation(study: optuna.Study, result: Confirmation) -> None:
             "confirmed": c.confirmed}
         if c.reason is not None:
             entry["reason"] = c.reason
+        if c.reset:
+            entry["reset"] = list(c.reset)
         results[str(number)] = entry
     data: _ConfirmationJSON = {"trials": list(result.trials), "rounds": result.rounds,
                                "confidence": result.confidence, "baseline": dict(result.baseline),
                                "results": results}
     study.set_user_attr(_CONFIRMATION, data)
+
+
+@dataclass(frozen=True)
+class KnobTest:
+    """One knob tested against one metric (``<scenario>.<metric>``): ``effect`` is the share of
+    the metric's rank variance the knob explains beyond the other knobs (partial R², 0–1),
+    ``p_value`` the family-wise adjusted p-value (see ``_effects``)."""
+
+    metric: str
+    effect: float
+    p_value: float
+
+
+@dataclass(frozen=True)
+class KnobVerdict:
+    """The verdict on one searched parameter: ``matters`` when at least one test's adjusted
+    p-value is at most the study's ``alpha``; ``where`` names those metrics, smallest p first;
+    ``tests`` holds every metric tested, smallest p first (empty: the knob could not be tested,
+    e.g. too few trials or a value that never varied)."""
+
+    parameter: str
+    matters: bool
+    where: list[str]
+    tests: list[KnobTest]
+
+    @property
+    def tested(self) -> bool:
+        return bool(self.tests)
+
+
+@dataclass(frozen=True)
+class KnobEffects:
+    """Which knobs mattered in a study: the family-wise error rate ``alpha`` of the whole table,
+    the ``permutations`` of the null distribution, the ``trials`` analysed, the model each metric
+    was tested with (``conditional`` or ``marginal``; a metric missing there could not be tested)
+    and one verdict per searched parameter, in search-space order."""
+
+    alpha: float
+    permutations: int
+    trials: int
+    models: dict[str, str]
+    verdicts: list[KnobVerdict]
+
+    def verdict(self, parameter: str) -> KnobVerdict | None:
+        return next((v for v in self.verdicts if v.parameter == parameter), None)
+
+    @property
+    def null_knobs(self) -> list[str]:
+        """Parameters tested with no detected effect (what a minimal config resets)."""
+        return [v.parameter for v in self.verdicts if v.tested and not v.matters]
+
+
+class _TestJSON(TypedDict):
+    metric: str
+    effect: float
+    p_value: float
+
+
+class _VerdictJSON(TypedDict):
+    parameter: str
+    matters: bool
+    where: list[str]
+    tests: list[_TestJSON]
+
+
+class _EffectsJSON(TypedDict):
+    alpha: float
+    permutations: int
+    trials: int
+    models: dict[str, str]
+    verdicts: list[_VerdictJSON]
+
+
+_EFFECTS_JSON = pydantic.TypeAdapter(_EffectsJSON)
+
+
+def knob_effects_of(study: optuna.Study) -> KnobEffects | None:
+    """The stored knob verdicts (see ``_effects.knob_effects``), if any (``None`` for a study
+    analysed by no version that knew them). One this version cannot read is logged and ignored."""
+    value = study.user_attrs.get(_EFFECTS)
+    if not value:
+        return None
+    try:
+        data = _EFFECTS_JSON.validate_python(value)
+    except pydantic.ValidationError as exc:
+        logger.warning("ignoring the stored knob effects of study %s: %s", study.study_name, exc)
+        return None
+    verdicts = [KnobVerdict(parameter=v["parameter"], matters=v["matters"], where=list(v["where"]),
+                            tests=[KnobTest(t["metric"], t["effect"], t["p_value"]) for t in v["tests"]])
+                for v in data["verdicts"]]
+    return KnobEffects(alpha=data["alpha"], permutations=data["permutations"], trials=data["trials"],
+                       models=dict(data["models"]), verdicts=verdicts)
+
+
+def set_knob_effects(study: optuna.Study, effects: KnobEffects) -> None:
+    """Store ``effects`` as the study's knob verdicts (replacing any earlier ones)."""
+    data: _EffectsJSON = {
+        "alpha": effects.alpha, "permutations": effects.permutations, "trials": effects.trials,
+        "models": dict(effects.models),
+        "verdicts": [{"parameter": v.parameter, "matters": v.matters, "where": list(v.where),
+                      "tests": [{"metric": t.metric, "effect": t.effect, "p_value": t.p_value}
+                                for t in v.tests]} for v in effects.verdicts]}
+    study.set_user_attr(_EFFECTS, data)
 
 
 class StudyState:
