@@ -32,6 +32,7 @@ from autotune.study import (
     pareto_trials,
     run_study,
 )
+from autotune.study._effects import analyse
 from autotune.study._loop import suggest
 from autotune.study._record import set_confirmation, set_knob_effects
 from autotune.testing.replay import Landscape, Point, ReplayDriver, ReplayTarget
@@ -144,6 +145,29 @@ def test_too_few_trials_give_no_verdict(tmp_path: Path) -> None:
     assert knob_effects(_searched(spec, _landscape(0)), spec) is None
 
 
+def test_a_choice_and_an_unset_cpu_limit_are_tested_like_any_knob() -> None:
+    """One-hot for ``loadBalancer.simple`` (RANDOM is 30 % slower), the effective limit for a CPU
+    limit that may be unset (the node's CPUs then; the CPU limit cost follows it exactly)."""
+    rng = np.random.default_rng(7)
+    configs, metrics = [], []
+    for i in range(30):
+        limit = None if i % 5 == 0 else round(float(rng.uniform(0.1, 1.0)), 3)
+        config = MeshConfig(lb_simple=str(rng.choice(["LEAST_REQUEST", "ROUND_ROBIN", "RANDOM"])),
+                            cpu_limit=limit, no_cpu_limit=limit is None,
+                            max_retries=int(rng.integers(1, 1000)))
+        p95 = 5.0 * (1.3 if config.lb_simple == "RANDOM" else 1.0) * float(np.exp(rng.normal(0, 0.05)))
+        configs.append(config)
+        metrics.append({"latency_p95_ms": p95, "cpu_limit_cores": config.effective_cpu_limit})
+    knobs = ["loadBalancer.simple", "proxy.cpuLimit", "connectionPool.http.maxRetries"]
+    effects = analyse(knobs, configs, metrics, ["steady.latency_p95_ms", "steady.cpu_limit_cores"],
+                      first="steady", alpha=0.1)
+    assert effects is not None
+    verdicts = {v.parameter: v for v in effects.verdicts}
+    assert verdicts["loadBalancer.simple"].where == ["steady.latency_p95_ms"]
+    assert verdicts["proxy.cpuLimit"].where == ["steady.cpu_limit_cores"]
+    assert not verdicts["connectionPool.http.maxRetries"].matters
+
+
 def _effects(null: list[str], acting: list[str]) -> KnobEffects:
     verdicts = [KnobVerdict(k, True, ["steady.latency_p95_ms"], [KnobTest("steady.latency_p95_ms", 0.6, 0.001)])
                 for k in acting]
@@ -172,8 +196,8 @@ def test_the_records_round_trip_and_old_confirmations_still_load(tmp_path: Path)
     assert knob_effects_of(study) is None
     effects = _effects(NULL, EFFECTIVE)
     set_knob_effects(study, effects)
-    assert knob_effects_of(study) == effects
-    assert knob_effects_of(study).null_knobs == NULL  # type: ignore[union-attr]
+    stored = knob_effects_of(study)
+    assert stored == effects and stored is not None and stored.null_knobs == NULL
     study.set_user_attr("knob_effects", {"alpha": "x"})  # written by a version this one cannot read
     assert knob_effects_of(study) is None
     # A confirmation stored before the minimal configs (no "reset") loads with nothing reset.
