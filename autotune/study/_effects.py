@@ -72,7 +72,6 @@ from autotune.study._record import (
     KnobTest,
     KnobVerdict,
     TrialRecord,
-    knob_effects_of,
     set_knob_effects,
 )
 
@@ -137,7 +136,7 @@ def record_knob_effects(study: optuna.Study, spec: StudySpec, *, seed: int = 0) 
     effects = knob_effects(study, spec, seed=seed)
     if effects is None:
         logger.info("which knobs matter: too few measured trials to test any (at least %d)", MIN_TRIALS)
-        return knob_effects_of(study)
+        return None
     set_knob_effects(study, effects)
     found = [f"{v.parameter} ({', '.join(v.where)})" for v in effects.verdicts if v.matters]
     logger.info("knobs with an effect beyond the noise (family-wise alpha %.2f, %d trials): %s; none "
