@@ -292,3 +292,34 @@ def test_a_failing_endpoint_scenario_on_the_local_target_aborts_after_one_window
     assert m.metrics["failing.error_rate"] > 0.05
     assert m.aborted is not None and (m.aborted.scenario, m.aborted.skipped_windows) == ("failing", 2)
     assert m.metrics["windows"] == 2 and m.aborted.saved_s == pytest.approx(2 * spec.timing.window)
+
+
+def test_the_report_and_the_cli_show_each_scenario_against_the_default(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from autotune.cli import main
+    from autotune.export import front_with_baseline, scenario_text_tables, study_scenarios
+
+    spec = _spec(tmp_path, **{"study.trials": 6})
+    land = _land()
+    study = run_study(spec, target=ReplayTarget(land), load=ReplayDriver(land))
+    frame = front_with_baseline(study)
+    tables = scenario_text_tables(frame, study_scenarios(study))
+    assert [t.title.split(":")[0] for t in tables] == ["Scenario steady", "Scenario surge", "Scenario failing"]
+    surge = tables[1]
+    print(surge.plain())
+    base_row = next(r for r in surge.rows if r[0].endswith("(baseline)"))
+    goodput = surge.headers.index("goodput in SLO rps")
+    for row in surge.rows:
+        trial = int(row[0].split()[0])
+        value = TrialRecord.read(study.trials[trial]).metrics["surge.goodput_slo_rps"]
+        assert row[goodput] == f"{value:.2f}"
+        if row is not base_row and float(base_row[goodput]) > 0:
+            change = 100 * (value / float(base_row[goodput]) - 1)
+            assert row[goodput + 1] == f"{change:+.1f}%"
+    export_study(study, results_dir(spec))
+    report = (results_dir(spec) / "report.md").read_text()
+    assert "### Scenario surge: the Pareto configs against Istio's default" in report
+    out = CliRunner().invoke(main, ["pareto", spec.study.name, "--storage", spec.study.storage])
+    assert out.exit_code == 0, out.output
+    assert "Scenario failing: the Pareto configs against Istio's default" in out.output

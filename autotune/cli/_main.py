@@ -145,7 +145,7 @@ def _load(name: str, storage: str) -> optuna.Study:
 
 
 def _print_pareto(st: optuna.Study) -> None:
-    from autotune.export import front_with_baseline, pareto_text_table
+    from autotune.export import front_with_baseline, pareto_text_table, scenario_text_tables, study_scenarios
     from autotune.study import study_objectives
 
     objectives = study_objectives(st) or []
@@ -155,6 +155,8 @@ def _print_pareto(st: optuna.Study) -> None:
                       "or failed. See trials.csv for the reasons.")
         return
     print_table(pareto_text_table(frame, objectives, f"Pareto front of {st.study_name} (feasible)"))
+    for table in scenario_text_tables(frame, study_scenarios(st)):
+        print_table(table)
 
 
 def _print_knobs(st: optuna.Study) -> None:

@@ -11,10 +11,11 @@ from autotune.export._files import (
     front_with_baseline,
     pareto_frame,
     results_dir,
+    study_scenarios,
     trial_row,
     trials_frame,
 )
-from autotune.export._table import TextTable, pareto_text_table
+from autotune.export._table import TextTable, pareto_text_table, scenario_text_tables
 from autotune.study import MANIFESTS
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "pareto_frame",
     "pareto_text_table",
     "results_dir",
+    "scenario_text_tables",
+    "study_scenarios",
     "trial_row",
     "trials_frame",
 ]

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 
 from autotune.export._effects import knob_effects_section
-from autotune.export._table import fmt, label, pareto_text_table, pct
+from autotune.export._table import fmt, label, pareto_text_table, pct, scenario_text_tables
 from autotune.mesh import NO_LIMIT, PARAMETERS, format_cpu, parse_cpu
 from autotune.study import Confirmation, KnobEffects
 from autotune.study import metric_name as _study_metric_name
@@ -227,10 +227,12 @@ def apply_section(front: pd.DataFrame, out_dir: Path, deployment: str, namespace
 def report_markdown(study_name: str, objectives: Sequence[str], directions: Sequence[str],
                     trials: pd.DataFrame, front: pd.DataFrame, table_frame: pd.DataFrame,
                     confirmation: Confirmation | None, out_dir: Path, deployment: str,
-                    namespace: str, effects: KnobEffects | None = None) -> str:
+                    namespace: str, effects: KnobEffects | None = None,
+                    scenarios: Sequence[str] = ()) -> str:
     """The whole report as Markdown. ``front`` is ``pareto_frame`` (what ``pareto.csv`` holds),
     ``table_frame`` the front with the baseline row (``front_with_baseline``), ``effects`` the
-    study's knob verdicts."""
+    study's knob verdicts, ``scenarios`` the study's scenario names (with two or more, a table per
+    scenario follows the Pareto table)."""
     done = _measured(trials)
     n_base = int(done["baseline"].astype(bool).sum()) if not done.empty else 0
     n_feasible = int(done["feasible"].astype(bool).sum()) if not done.empty else 0
@@ -247,6 +249,8 @@ def report_markdown(study_name: str, objectives: Sequence[str], directions: Sequ
         lines += ["Feasible configs no other feasible config beats on every objective; `vs base` is the "
                   "change against the nearest baseline measurement. Same numbers as `pareto.csv`.", "",
                   table.markdown(), ""]
+        for scenario_table in scenario_text_tables(table_frame, scenarios):
+            lines += [f"### {scenario_table.title}", "", scenario_table.markdown(), ""]
     lines += confirmation_section(front, objectives, confirmation)
     lines += drift_section(trials)
     lines += knob_effects_section(effects)
@@ -301,8 +305,10 @@ def write_report(study: optuna.Study, out_dir: Path, trials: pd.DataFrame, front
     directions = [d.name.lower() for d in study.directions]
     figure = pareto_figure(study.study_name, objectives, trials, front)
     deployment, namespace = _workload(spec)
+    raw = spec.get("scenarios")
+    scenarios = [str(s["name"]) for s in raw if isinstance(s, dict) and "name" in s] if isinstance(raw, list) else []
     md = report_markdown(study.study_name, objectives, directions, trials, front, table_frame,
-                         confirmation, out_dir, deployment, namespace, effects)
+                         confirmation, out_dir, deployment, namespace, effects, scenarios)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(report_html(md, figure, f"Study {study.study_name}"), encoding="utf-8")

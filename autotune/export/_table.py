@@ -8,6 +8,7 @@ Every renderer (rich in a terminal, plain columns in a pipe, Markdown in the rep
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -99,3 +100,45 @@ def pareto_text_table(frame: pd.DataFrame, objectives: list[str], title: str) ->
             cells.append("-" if _missing(mean) else f"{pct(mean)} [{pct(lo)}, {pct(hi)}]")
         rows.append(cells)
     return TextTable(title, headers, right, rows)
+
+
+#: What the per-scenario tables show of each scenario, in order.
+SCENARIO_METRICS = ("latency_p95_corrected_ms", "latency_p99_corrected_ms", "goodput_slo_rps", "error_rate",
+                    "cpu_used_cores")
+
+
+def _change(value: object, base: object) -> str:
+    """``value`` against ``base`` in percent (``-`` when either is missing or the base is 0)."""
+    if _missing(value) or _missing(base) or not isinstance(base, int | float) or base == 0:
+        return "-"
+    return pct(100.0 * (float(value) / float(base) - 1.0))  # type: ignore[arg-type]
+
+
+def scenario_text_tables(frame: pd.DataFrame, scenarios: Sequence[str]) -> list[TextTable]:
+    """One table per scenario: each config of ``frame`` (``front_with_baseline``: the Pareto
+    configs and the first baseline) with that scenario's corrected p95/p99, goodput within the
+    SLO, error rate and CPU used, each against the baseline row. Empty with fewer than two
+    scenarios (the Pareto table already shows everything) or no baseline row; a metric no row
+    measured is left out."""
+    if len(scenarios) < 2 or frame.empty or not frame["baseline"].astype(bool).any():
+        return []
+    base = frame[frame["baseline"].astype(bool)].iloc[0]
+    tables = []
+    for scenario in scenarios:
+        metrics = [m for m in SCENARIO_METRICS if f"{scenario}.{m}" in frame
+                   and frame[f"{scenario}.{m}"].notna().any()]
+        headers, right = ["trial"], [True]
+        for m in metrics:
+            headers += [label(m), "vs base"]
+            right += [True, True]
+        rows = []
+        for _, row in frame.iterrows():
+            cells = [f"{row['trial']} (baseline)" if row["baseline"] else str(row["trial"])]
+            for m in metrics:
+                value, ref = row.get(f"{scenario}.{m}"), base.get(f"{scenario}.{m}")
+                text = ("-" if _missing(value) else f"{value:.1%}") if m == "error_rate" else fmt(value)
+                cells += [text, "" if row["baseline"] else _change(value, ref)]
+            rows.append(cells)
+        tables.append(TextTable(f"Scenario {scenario}: the Pareto configs against Istio's default",
+                                headers, right, rows))
+    return tables
