@@ -1,14 +1,19 @@
 """A stateful fake Kubernetes API server that the real ``kubernetes`` client talks to over HTTP.
 
 It serves what the Kubernetes target uses, with the API server's semantics where they matter:
-namespaces (labels); ``apps/v1`` Deployments (GET; PATCH with merge-patch or strategic-merge-patch,
+namespaces (labels); Services (GET; their ``selector`` picks the endpoints the backend serves from);
+``apps/v1`` Deployments (GET, LIST by label selector; POST validated against the Kubernetes 1.35
+schema, strictly, with the selector required to match the template's labels; DELETE, after which
+the pods terminate for two more pod listings; PATCH with merge-patch or strategic-merge-patch,
 ``null`` deleting a key; ``metadata.generation`` bumped only on a spec change; a rollout that
-progresses one step per GET after a pod-template change, and switches to make it fail or hang);
-pods listed by label selector, named ``<deployment>-<pod-template-hash>-<n>``; ``networking.istio.io/v1``
-DestinationRules (GET/POST/PATCH/DELETE, validation against the real Istio 1.30.3 CRD schema,
-``fieldValidation=Strict`` refusing unknown fields, Istio's webhook refusing negative limits, 409 on a
-stale ``resourceVersion`` or an existing name); SelfSubjectAccessReviews; per-(verb, resource) 403s,
-injected errors and delays; and a log of every request.
+progresses one step per GET after a pod-template change or a creation, and switches to make it
+fail or hang); pods listed by label selector (``k=v``, ``k!=v``, ``k``, ``!k``), named
+``<deployment>-<pod-template-hash>-<n>``; ``networking.istio.io/v1`` DestinationRules and
+VirtualServices (GET/POST/PATCH/DELETE, validation against the real Istio 1.30.3 CRD schemas and
+their CEL rules, ``fieldValidation=Strict`` refusing unknown fields, Istio's webhook refusing
+negative values, 409 on a stale ``resourceVersion`` or an existing name);
+SelfSubjectAccessReviews; RBAC: per-(verb, resource) 403s, or a Role's rules (``use_role``)
+enforced on every request; injected errors and delays; and a log of every request.
 
 Status codes are the real server's: unknown fields under Strict → 400 (``strict decoding error``),
 schema violations → 422 (``Invalid``), a webhook denial → 400, a group that is not served → 404 with
@@ -23,6 +28,9 @@ import functools
 import hashlib
 import json
 import math
+import random
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -34,10 +42,17 @@ from urllib.parse import parse_qs, urlsplit
 
 import celpy  # PyPI cel-python (a dev dependency): the CRD's CEL rules, as the API server runs them
 import jsonschema
+import kubernetes_validate
 import yaml
 
-from _crd import load_crd, strict_dr_schema
+from _crd import VS_CRD, load_crd, strict_dr_schema, strict_vs_schema
 from autotune.mesh import ServiceRef, envoy_cluster, parse_cpu, parse_memory
+from autotune.targets.kubernetes._faults import (
+    ENV_DELAY_MS,
+    ENV_ERROR_RATE,
+    ENV_RESET_RATE,
+    ENV_SERVICE_TIME_FACTOR,
+)
 from autotune.targets.kubernetes._observe import pool_of
 
 DR_PREFIX = "/apis/networking.istio.io/v1/namespaces/"
@@ -67,14 +82,20 @@ class Fault:
 SERVER_LATENCY_BUCKETS = (("1", 0.0), ("5", 0.5), ("10", 0.9), ("25", 1.0), ("+Inf", 1.0))
 
 
-def _dr_schema() -> dict[str, Any]:
-    (v1,) = [v for v in load_crd()["spec"]["versions"] if v["name"] == "v1"]
+K8S_VERSION = "1.35.0"
+#: The kinds the fake serves from Istio's CRDs: plural → (kind, CRD file).
+ISTIO_KINDS = {"destinationrules": "DestinationRule", "virtualservices": "VirtualService"}
+
+
+def _crd_schema(kind: str) -> dict[str, Any]:
+    crd = load_crd() if kind == "DestinationRule" else load_crd(VS_CRD)
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return v1["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
 
 
-def _strict_schema() -> dict[str, Any]:
+def _strict_schema(kind: str = "DestinationRule") -> dict[str, Any]:
     """What ``fieldValidation=Strict`` enforces instead of pruning (see tests/_crd.py)."""
-    return strict_dr_schema("v1")
+    return strict_dr_schema("v1") if kind == "DestinationRule" else strict_vs_schema("v1")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -135,9 +156,18 @@ class FakeCluster:
         self.namespaces: dict[str, dict[str, str]] = {}
         self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
         self.drs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.vss: dict[tuple[str, str], dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        #: Deleted Deployments whose pods still terminate: key → (deployment, pod listings left).
+        self.deleted: dict[tuple[str, str], tuple[dict[str, Any], int]] = {}
+        #: ``use_role``: the Role's rules, enforced on every request (``None``: all allowed).
+        self.role_rules: list[dict[str, Any]] | None = None
         self.rollouts: dict[tuple[str, str], Rollout] = {}
         self.terminating: dict[tuple[str, str], str] = {}  # old hash whose pods are terminating
         self.requests: list[Request] = []
+        #: Seeded draws of the misbehaving replicas, and the faulty answers each endpoint gave.
+        self.rng = random.Random(11)
+        self.fault_replies: dict[str, int] = {}
         self.forbidden: set[tuple[str, str]] = set()  # (verb, resource)
         self.faults: dict[tuple[str, str], Fault] = {}
         self.delay_s: dict[tuple[str, str], float] = {}
@@ -213,11 +243,14 @@ class FakeCluster:
         """Forget every object, switch and logged request (pods' CPU counters keep running)."""
         with self.lock:
             for store in (self.namespaces, self.deployments, self.drs, self.rollouts, self.terminating,
-                          self.faults, self.delay_s):
-                store.clear()
+                          self.faults, self.delay_s, self.vss, self.services, self.deleted):
+                store.clear()  # type: ignore[attr-defined]
+            self.role_rules = None
             self.forbidden.clear()
             self.requests.clear()
             self.templates.clear()
+            self.fault_replies.clear()
+            self.rng = random.Random(11)
             self.istio_installed = True
             self.rollout_mode = None
             self.sidecar_delay_s = 0.0
@@ -250,6 +283,52 @@ class FakeCluster:
             self.deployments[(ns, name)] = dep
             self._remember_template(dep)
         return copy.deepcopy(dep)
+
+    def add_service(self, ns: str, name: str, selector: dict[str, str], port: int = 8080) -> None:
+        with self.lock:
+            self.services[(ns, name)] = {
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns, "resourceVersion": self._next_rv()},
+                "spec": {"selector": dict(selector), "ports": [{"name": "http", "port": port}]}}
+
+    def use_role(self, *roles: dict[str, Any]) -> None:
+        """Allow only what ``roles`` (``rbac.authorization.k8s.io/v1`` Roles or ClusterRoles bound
+        to autotune) grant, as the API server's RBAC authorizer does, on requests and on access
+        reviews."""
+        with self.lock:
+            self.role_rules = [copy.deepcopy(rule) for role in roles for rule in role["rules"]]
+
+    def allowed(self, verb: str, resource: str, group: str, name: str | None) -> bool:
+        if (verb, resource) in self.forbidden:
+            return False
+        if self.role_rules is None:
+            return True
+        return any(group in r.get("apiGroups", []) and resource in r.get("resources", [])
+                   and verb in r.get("verbs", []) and (not r.get("resourceNames") or name in r["resourceNames"])
+                   for r in self.role_rules)
+
+    def endpoints(self, ns: str, service: str) -> list[dict[str, Any]]:
+        """The running pods the Service selects (its ready endpoints), in a stable order."""
+        with self.lock:
+            svc = self.services.get((ns, service))
+            if svc is None:
+                return []
+            selector = svc["spec"]["selector"]
+            return sorted((p for p in self._pods(ns, consume=False) if "deletionTimestamp" not in p["metadata"]
+                           and selector.items() <= p["metadata"]["labels"].items()),
+                          key=lambda p: str(p["metadata"]["name"]))
+
+    def vs(self, ns: str, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            found = self.vss.get((ns, name))
+            return copy.deepcopy(found) if found else None
+
+    def add_virtual_service(self, ns: str, name: str, spec: dict[str, Any]) -> None:
+        with self.lock:
+            self.vss[(ns, name)] = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                                    "metadata": {"name": name, "namespace": ns, "generation": 1,
+                                                 "resourceVersion": self._next_rv()},
+                                    "spec": copy.deepcopy(spec)}
 
     def add_destination_rule(self, ns: str, name: str, host: str,
                              traffic_policy: dict[str, Any] | None = None) -> None:
@@ -323,11 +402,12 @@ class FakeCluster:
         with self.lock:
             self._bursts.append((at, seconds))
 
-    def serve_request(self, ns: str) -> None:
-        """Charge one request's sidecar CPU to the pods of ``ns`` running now (the backend calls it)."""
+    def serve_request(self, ns: str, pod: str | None = None) -> None:
+        """Charge one request's sidecar CPU to ``pod`` (the endpoint that served it), else to the
+        pods of ``ns`` running now (the backend calls it)."""
         with self.lock:
-            pods = [p["metadata"]["name"] for p in self._pods(ns, consume=False)
-                    if "deletionTimestamp" not in p["metadata"]]
+            pods = [pod] if pod is not None else [p["metadata"]["name"] for p in self._pods(ns, consume=False)
+                                                  if "deletionTimestamp" not in p["metadata"]]
             for name in pods:
                 self._proxy_extra[name] = self._proxy_extra.get(name, 0.0) + self.proxy_cpu_per_request / len(pods)
 
@@ -451,18 +531,43 @@ class FakeCluster:
                 if (dns, name) in self.terminating:
                     old_hash = self.terminating.pop((dns, name)) if consume else self.terminating[(dns, name)]
                     groups.append((old_hash, dep["spec"]["replicas"], True))
-            for h, count, terminating in groups:
-                created_from = self.templates.get(h, tpl)
-                for i in range(count):
-                    meta: dict[str, Any] = {"name": f"{name}-{h}-{i:05d}"[:63], "namespace": ns,
-                                            "labels": {**created_from["metadata"].get("labels", {}),
-                                                       "pod-template-hash": h},
-                                            "annotations": dict(created_from["metadata"].get("annotations") or {})}
-                    if terminating:
-                        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-                    pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-                                 "spec": _injected(created_from), "status": {"phase": "Running"}})
+            pods += self._pods_of(ns, name, tpl, groups)
+        for (dns, name), (dep, left) in list(self.deleted.items()):
+            if dns != ns:
+                continue
+            if consume:
+                if left <= 1:
+                    del self.deleted[(dns, name)]
+                else:
+                    self.deleted[(dns, name)] = (dep, left - 1)
+            tpl = dep["spec"]["template"]
+            pods += self._pods_of(ns, name, tpl, [(template_hash(tpl), dep["spec"]["replicas"], True)])
         return pods
+
+    def _pods_of(self, ns: str, name: str, tpl: dict[str, Any],
+                 groups: list[tuple[str, int, bool]]) -> list[dict[str, Any]]:
+        pods = []
+        for h, count, terminating in groups:
+            created_from = self.templates.get(h, tpl)
+            for i in range(count):
+                meta: dict[str, Any] = {"name": f"{name}-{h}-{i:05d}"[:63], "namespace": ns,
+                                        "labels": {**created_from["metadata"].get("labels", {}),
+                                                   "pod-template-hash": h},
+                                        "annotations": dict(created_from["metadata"].get("annotations") or {})}
+                if terminating:
+                    meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+                pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                             "spec": _injected(created_from), "status": {"phase": "Running"}})
+        return pods
+
+    def _created(self, key: tuple[str, str], dep: dict[str, Any]) -> None:
+        """A new Deployment's rollout: not observed yet, pods created, not yet available, done."""
+        n = dep["spec"]["replicas"]
+        dep["status"] = {}
+        steps = [{}, {"observedGeneration": 1, "replicas": n, "updatedReplicas": n, "availableReplicas": 0,
+                      "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetCreated"}]},
+                 self._done_status(dep)]
+        self.rollouts[key] = Rollout(1, None, steps)
 
 
 def _injected(template: dict[str, Any]) -> dict[str, Any]:
@@ -470,11 +575,19 @@ def _injected(template: dict[str, Any]) -> dict[str, Any]:
     with the resources the ``sidecar.istio.io/proxy*`` annotations ask for (the chart's defaults
     100m/2000m CPU, 128Mi/1024Mi memory otherwise)."""
     ann = template["metadata"].get("annotations") or {}
-    sidecar = {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.30.3", "resources": {
-        "requests": {"cpu": ann.get("sidecar.istio.io/proxyCPU", "100m"),
-                     "memory": ann.get("sidecar.istio.io/proxyMemory", "128Mi")},
-        "limits": {"cpu": ann.get("sidecar.istio.io/proxyCPULimit", "2000m"),
-                   "memory": ann.get("sidecar.istio.io/proxyMemoryLimit", "1024Mi")}}}
+    names = {("requests", "cpu"): "sidecar.istio.io/proxyCPU", ("requests", "memory"): "sidecar.istio.io/proxyMemory",
+             ("limits", "cpu"): "sidecar.istio.io/proxyCPULimit",
+             ("limits", "memory"): "sidecar.istio.io/proxyMemoryLimit"}
+    chart = {("requests", "cpu"): "100m", ("requests", "memory"): "128Mi", ("limits", "cpu"): "2000m",
+             ("limits", "memory"): "1024Mi"}
+    # All or nothing (reference §1c): one annotation present and the chart's defaults are ignored.
+    annotated = any(a in ann for a in names.values())
+    resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
+    for (kind, res), annotation in names.items():
+        value = ann.get(annotation) if annotated else chart[(kind, res)]
+        if value is not None:
+            resources[kind][res] = value
+    sidecar = {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.30.3", "resources": resources}
     return {"containers": [*copy.deepcopy(template["spec"]["containers"]), sidecar]}
 
 
@@ -501,6 +614,9 @@ def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
         elif "=" in part:
             k, v = part.split("==", 1) if "==" in part else part.split("=", 1)
             if labels.get(k) != v:
+                return False
+        elif part.startswith("!"):
+            if part[1:] in labels:
                 return False
         elif labels.get(part) is None:
             return False
@@ -550,28 +666,55 @@ def _cel_errors(schema: dict[str, Any], value: Any, path: str) -> list[str]:
     return out
 
 
-def _validate_dr(dr: dict[str, Any], strict: bool) -> None:
-    name = dr.get("metadata", {}).get("name", "")
+def _validate_deployment(dep: dict[str, Any], strict: bool) -> None:
+    """The API server's checks on a new Deployment: the Kubernetes 1.35 schema (unknown fields
+    refused under Strict), a selector that matches the template's labels, label values."""
+    name = dep.get("metadata", {}).get("name", "")
+    try:
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=strict)
+    except kubernetes_validate.ValidationError as exc:
+        raise HttpError(400 if "Additional properties" in str(exc) else 422,
+                        _status(422, "Invalid", f'Deployment.apps "{name}" is invalid: {exc}')) from None
+    spec = dep["spec"]
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    problems = []
+    if not selector.items() <= labels.items():
+        problems.append(f"spec.template.metadata.labels: Invalid value: {labels}: `selector` does not match "
+                        "template `labels`")
+    for where, found in (("metadata.labels", dep["metadata"].get("labels") or {}),
+                         ("spec.template.metadata.labels", labels)):
+        problems += [f"{where}: Invalid value: {v!r}: must be no more than 63 characters"
+                     for v in found.values() if len(str(v)) > 63]
+    if problems:
+        raise HttpError(422, _status(422, "Invalid", f'Deployment.apps "{name}" is invalid: ' + "; ".join(problems),
+                                     {"name": name, "group": "apps", "kind": "Deployment"}))
+
+
+def _validate_istio(kind: str, obj: dict[str, Any], strict: bool) -> None:
+    """What the API server (the CRD's schema and CEL rules, Strict field validation) and Istio's
+    validating webhook refuse, with their status codes and wording."""
+    name = obj.get("metadata", {}).get("name", "")
     if strict:
-        for err in jsonschema.Draft7Validator(_strict_schema()).iter_errors({"spec": dr.get("spec")}):
+        for err in jsonschema.Draft7Validator(_strict_schema(kind)).iter_errors({"spec": obj.get("spec")}):
             if err.validator == "additionalProperties":
                 path = ".".join(str(p) for p in err.absolute_path)
-                raise HttpError(400, _status(400, "BadRequest", f"DestinationRule in version \"v1\" cannot be "
-                                             f"handled as a DestinationRule: strict decoding error: "
+                raise HttpError(400, _status(400, "BadRequest", f"{kind} in version \"v1\" cannot be "
+                                             f"handled as a {kind}: strict decoding error: "
                                              f"{err.message} at {path}"))
-    errors = list(jsonschema.Draft7Validator(_dr_schema()).iter_errors({"spec": dr.get("spec")}))
+    schema = _crd_schema(kind)
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors({"spec": obj.get("spec")}))
     if errors:
         causes = [".".join(str(p) for p in e.absolute_path) + ": " + e.message for e in errors]
-        raise HttpError(422, _status(422, "Invalid", f'DestinationRule.networking.istio.io "{name}" is invalid: '
+        raise HttpError(422, _status(422, "Invalid", f'{kind}.networking.istio.io "{name}" is invalid: '
                                      + "; ".join(causes),
-                                     {"name": name, "group": "networking.istio.io", "kind": "DestinationRule"}))
-    schema = _dr_schema()
-    broken = _cel_errors(schema["properties"]["spec"], dr.get("spec"), "spec")
+                                     {"name": name, "group": "networking.istio.io", "kind": kind}))
+    broken = _cel_errors(schema["properties"]["spec"], obj.get("spec"), "spec")
     if broken:
-        raise HttpError(422, _status(422, "Invalid", f'DestinationRule.networking.istio.io "{name}" is invalid: '
+        raise HttpError(422, _status(422, "Invalid", f'{kind}.networking.istio.io "{name}" is invalid: '
                                      + ", ".join(broken),
-                                     {"name": name, "group": "networking.istio.io", "kind": "DestinationRule"}))
-    negative = _negative_ints(dr.get("spec"))
+                                     {"name": name, "group": "networking.istio.io", "kind": kind}))
+    negative = _negative_ints(obj.get("spec"))
     if negative:
         raise HttpError(400, _status(400, "BadRequest", 'admission webhook "validation.istio.io" denied the '
                                      "request: configuration is invalid: " + "; ".join(negative)))
@@ -632,7 +775,7 @@ class _Handler(BaseHTTPRequestHandler):
                 reason = fault.reason or {401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
                                           409: "Conflict", 422: "Invalid"}.get(fault.status, "InternalError")
                 raise HttpError(fault.status, _status(fault.status, reason, fault.message))
-            if (verb, resource) in fake.forbidden:
+            if not fake.allowed(verb, resource, group, name):
                 what = f'{resource}{"." + group if group else ""} "{name}" ' if name else f"{resource} "
                 raise HttpError(403, _status(403, "Forbidden", f'{what}is forbidden: User '
                                              f'"system:serviceaccount:{ns}:autotune" cannot {verb} resource '
@@ -644,7 +787,7 @@ class _Handler(BaseHTTPRequestHandler):
         if p[:3] == ["apis", "authorization.k8s.io", "v1"] and p[3:] == ["selfsubjectaccessreviews"]:
             self._check_patch_type(ctype, ("application/json",))
             attrs = body["spec"]["resourceAttributes"]
-            allowed = (attrs["verb"], attrs["resource"]) not in self.fake.forbidden
+            allowed = self.fake.allowed(attrs["verb"], attrs["resource"], attrs.get("group", ""), attrs.get("name"))
             return 201, {**body, "status": {"allowed": allowed}}
         if p[:3] == ["api", "v1", "namespaces"] and len(p) == 4 and verb == "get":
             self._guard("get", "namespaces", "", p[3], p[3])
@@ -655,18 +798,30 @@ class _Handler(BaseHTTPRequestHandler):
                 pods = [x for x in self.fake._pods(p[3])
                         if _selector_matches(query.get("labelSelector", ""), x["metadata"]["labels"])]
             return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods}
+        if p[:3] == ["api", "v1", "namespaces"] and len(p) == 6 and p[4] == "services" and verb == "get":
+            self._guard("get", "services", "", p[3], p[5])
+            with self.fake.lock:
+                svc = self.fake.services.get((p[3], p[5]))
+                if svc is None:
+                    return 404, _status(404, "NotFound", f'services "{p[5]}" not found',
+                                        {"name": p[5], "kind": "services"})
+                return 200, copy.deepcopy(svc)
+        if p[:4] == ["apis", "apps", "v1", "namespaces"] and len(p) == 6 and p[5] == "deployments":
+            verb = "list" if verb == "get" else verb
+            self._guard(verb, "deployments", "apps", p[4], None)
+            return self._deployments(verb, p[4], ctype, body, query)
         if p[:4] == ["apis", "apps", "v1", "namespaces"] and len(p) == 7 and p[5] == "deployments":
             self._guard(verb, "deployments", "apps", p[4], p[6])
             return self._deployment(verb, p[4], p[6], ctype, body, query)
         if p[:2] == ["apis", "networking.istio.io"]:
             if not self.fake.istio_installed:
                 return 404, "404 page not found"
-            if p[2:4] == ["v1", "namespaces"] and len(p) >= 6 and p[5] == "destinationrules":
+            if p[2:4] == ["v1", "namespaces"] and len(p) >= 6 and p[5] in ISTIO_KINDS:
                 name = p[6] if len(p) == 7 else None
                 if name is None and verb == "get":
                     verb = "list"
-                self._guard(verb, "destinationrules", "networking.istio.io", p[4], name)
-                return self._destination_rule(verb, p[4], name, ctype, body, query)
+                self._guard(verb, p[5], "networking.istio.io", p[4], name)
+                return self._istio_object(p[5], verb, p[4], name, ctype, body, query)
         return 404, "404 page not found"
 
     def _namespace(self, ns: str) -> tuple[int, Any]:
@@ -703,6 +858,12 @@ class _Handler(BaseHTTPRequestHandler):
             if verb == "get":
                 fake._advance(key)
                 return 200, copy.deepcopy(dep)
+            if verb == "delete":
+                del fake.deployments[key]
+                fake.rollouts.pop(key, None)
+                fake.terminating.pop(key, None)
+                fake.deleted[key] = (dep, 2)  # its pods terminate for two more listings
+                return 200, _status(200, "", "deleted") | {"status": "Success"}
             if verb != "patch":
                 return 405, _status(405, "MethodNotAllowed", f"{verb} is not served by the fake")
             self._check_patch_type(ctype, ("application/merge-patch+json", "application/strategic-merge-patch+json"))
@@ -723,65 +884,114 @@ class _Handler(BaseHTTPRequestHandler):
             dep["metadata"]["resourceVersion"] = fake._next_rv()
             return 200, copy.deepcopy(dep)
 
-    def _destination_rule(self, verb: str, ns: str, name: str | None, ctype: str, body: Any,
-                          query: dict[str, str]) -> tuple[int, Any]:
+    def _deployments(self, verb: str, ns: str, ctype: str, body: Any, query: dict[str, str]) -> tuple[int, Any]:
+        """The collection: LIST by label selector, POST (validated as the API server does)."""
         fake = self.fake
+        with fake.lock:
+            if verb == "list":
+                items = [copy.deepcopy(d) for (dns, _), d in fake.deployments.items() if dns == ns
+                         and _selector_matches(query.get("labelSelector", ""), d["metadata"].get("labels") or {})]
+                return 200, {"apiVersion": "apps/v1", "kind": "DeploymentList", "metadata": {}, "items": items}
+            if verb != "create":
+                return 405, _status(405, "MethodNotAllowed", f"{verb} is not served by the fake")
+            self._check_patch_type(ctype, ("application/json",))
+            new = copy.deepcopy(body)
+            name = new["metadata"]["name"]
+            if (ns, name) in fake.deployments:
+                return 409, _status(409, "AlreadyExists", f'deployments.apps "{name}" already exists')
+            _validate_deployment(new, query.get("fieldValidation") == "Strict")
+            new["metadata"].update(namespace=ns, generation=1, resourceVersion=fake._next_rv(), uid=f"uid-{name}")
+            fake.deployments[(ns, name)] = new
+            fake._remember_template(new)
+            fake._created((ns, name), new)
+            return 201, copy.deepcopy(new)
+
+    def _istio_object(self, plural: str, verb: str, ns: str, name: str | None, ctype: str, body: Any,
+                      query: dict[str, str]) -> tuple[int, Any]:
+        fake = self.fake
+        kind = ISTIO_KINDS[plural]
+        store = fake.drs if plural == "destinationrules" else fake.vss
+        qualified = f"{plural}.networking.istio.io"
+
+        def stored(obj_name: str) -> None:
+            if plural == "destinationrules":
+                fake._dr_stored(ns, obj_name)
+
         strict = query.get("fieldValidation") == "Strict"
         with fake.lock:
             if verb == "list":
-                items = [copy.deepcopy(d) for (dns, _), d in fake.drs.items() if dns == ns]
-                return 200, {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRuleList", "items": items}
+                items = [copy.deepcopy(d) for (dns, _), d in store.items() if dns == ns]
+                return 200, {"apiVersion": "networking.istio.io/v1", "kind": f"{kind}List", "items": items}
             if verb == "create":
                 self._check_patch_type(ctype, ("application/json",))
                 new = copy.deepcopy(body)
                 name = new["metadata"]["name"]
-                if (ns, name) in fake.drs:
-                    return 409, _status(409, "AlreadyExists",
-                                        f'destinationrules.networking.istio.io "{name}" already exists')
-                _validate_dr(new, strict)
+                if (ns, name) in store:
+                    return 409, _status(409, "AlreadyExists", f'{qualified} "{name}" already exists')
+                _validate_istio(kind, new, strict)
                 new["metadata"].update(namespace=ns, generation=1, resourceVersion=fake._next_rv())
-                fake.drs[(ns, name)] = new
-                fake._dr_stored(ns, name)
+                store[(ns, name)] = new
+                stored(name)
                 return 201, copy.deepcopy(new)
             assert name is not None
-            current = fake.drs.get((ns, name))
+            current = store.get((ns, name))
             if current is None:
-                return 404, _status(404, "NotFound", f'destinationrules.networking.istio.io "{name}" not found',
-                                    {"name": name, "group": "networking.istio.io", "kind": "destinationrules"})
+                return 404, _status(404, "NotFound", f'{qualified} "{name}" not found',
+                                    {"name": name, "group": "networking.istio.io", "kind": plural})
             if verb == "get":
                 return 200, copy.deepcopy(current)
             if verb == "delete":
-                del fake.drs[(ns, name)]
-                fake._dr_stored(ns, name)
+                del store[(ns, name)]
+                stored(name)
                 return 200, _status(200, "", "deleted") | {"status": "Success"}
             if verb == "patch":
                 self._check_patch_type(ctype, ("application/merge-patch+json", "application/json-patch+json",
                                                "application/apply-patch+yaml"))
-                self._check_rv(current, body, "destinationrules.networking.istio.io", name)
+                self._check_rv(current, body, qualified, name)
                 new = merge_patch(current, body)
                 new["metadata"]["name"] = name
-                _validate_dr(new, strict)
+                _validate_istio(kind, new, strict)
                 if new["spec"] != current["spec"]:
                     new["metadata"]["generation"] += 1
                 new["metadata"]["resourceVersion"] = fake._next_rv()
-                fake.drs[(ns, name)] = new
-                fake._dr_stored(ns, name)
+                store[(ns, name)] = new
+                stored(name)
                 return 200, copy.deepcopy(new)
             return 405, _status(405, "MethodNotAllowed", f"{verb} is not served by the fake")
+
+
+def _pod_fault(pod: dict[str, Any] | None) -> dict[str, float]:
+    """The misbehaving-replica environment (``autotune.targets.kubernetes._faults``) of a pod's
+    containers, as the app reads it: delay_ms, factor, error_rate, reset_rate."""
+    out = {"delay_ms": 0.0, "factor": 1.0, "error_rate": 0.0, "reset_rate": 0.0}
+    keys = {ENV_DELAY_MS: "delay_ms", ENV_SERVICE_TIME_FACTOR: "factor", ENV_ERROR_RATE: "error_rate",
+            ENV_RESET_RATE: "reset_rate"}
+    for container in ((pod or {}).get("spec") or {}).get("containers") or []:
+        for env in container.get("env") or []:
+            if env.get("name") in keys:
+                out[keys[env["name"]]] = float(env["value"])
+    return out
 
 
 class _Backend(BaseHTTPRequestHandler):
     """The service as seen through the client sidecars: it acts on what the cluster stores.
 
-    Each request waits ``service_time_s``. The DestinationRule's circuit breakers are enforced as
-    Envoy does for HTTP/1.1: at most min(``maxConnections``, ``http2MaxRequests``) requests in
-    flight, at most ``http1MaxPendingRequests`` more waiting; any further one is answered 503 with
-    ``x-envoy-overloaded: true`` at once. The 200's body reports the stored ``trafficPolicy`` and
-    the running pods' annotations (JSON); each request charges sidecar CPU to the running pods.
+    The DestinationRule's circuit breakers are enforced as Envoy does for HTTP/1.1: at most
+    min(``maxConnections``, ``http2MaxRequests``) requests in flight, at most
+    ``http1MaxPendingRequests`` more waiting; any further one is answered 503 with
+    ``x-envoy-overloaded: true`` at once. An admitted request goes round-robin to one endpoint of
+    Service ``service`` (the running pods its selector picks; with no such Service, to no pod in
+    particular), waits ``service_time_s`` and is answered 200, unless the endpoint is a
+    misbehaving replica: its ``AUTOTUNE_FAULT_*`` environment then adds delay, multiplies the
+    service time, answers 503 or resets the connection (seeded, per endpoint). No retries and no
+    outlier detection are modelled. The 200's body reports the stored ``trafficPolicy``, the
+    running pods' annotations and the endpoint (JSON); each request charges sidecar CPU to its
+    endpoint (or to every running pod without a Service).
     """
 
     fake: FakeCluster
     namespace: str
+    service: str = "backend"
     destination_rule: str
     service_time_s: float
     gate: threading.Condition
@@ -818,6 +1028,14 @@ class _Backend(BaseHTTPRequestHandler):
             self.state["in_flight"] -= 1
             self.gate.notify()
 
+    def _pick(self) -> dict[str, Any] | None:
+        endpoints = self.fake.endpoints(self.namespace, self.service)
+        if not endpoints:
+            return None
+        with self.gate:
+            self.state["rr"] = self.state.get("rr", 0) + 1
+            return endpoints[self.state["rr"] % len(endpoints)]
+
     def do_GET(self) -> None:
         active, queue, policy = self._limits()
         if not self._admit(active, queue):
@@ -825,11 +1043,25 @@ class _Backend(BaseHTTPRequestHandler):
                         {"x-envoy-overloaded": "true"})
             return
         try:
-            time.sleep(self.service_time_s)
-            self.fake.serve_request(self.namespace)
+            endpoint = self._pick()
+            fault = _pod_fault(endpoint)
+            name = endpoint["metadata"]["name"] if endpoint else None
+            time.sleep(self.service_time_s * fault["factor"] + fault["delay_ms"] / 1000)
+            self.fake.serve_request(self.namespace, name)
+            draw = self.fake.rng.random()
+            if draw < fault["reset_rate"]:
+                self.fake.fault_replies[name or ""] = self.fake.fault_replies.get(name or "", 0) + 1
+                self.close_connection = True
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()  # RST, no response
+                return
+            if draw < fault["reset_rate"] + fault["error_rate"]:
+                self.fake.fault_replies[name or ""] = self.fake.fault_replies.get(name or "", 0) + 1
+                self._reply(503, b"misbehaving replica", {"Content-Type": "text/plain"})
+                return
             pods = {p["metadata"]["name"]: p["metadata"].get("annotations") or {}
                     for p in self.fake.running_pods(self.namespace)}
-            self._reply(200, json.dumps({"trafficPolicy": policy, "pods": pods}).encode(),
+            self._reply(200, json.dumps({"trafficPolicy": policy, "pods": pods, "endpoint": name}).encode(),
                         {"Content-Type": "application/json"})
         finally:
             self._release()
@@ -861,17 +1093,22 @@ class KubeEnv:
     NAMESPACE = "staging"
     DEPLOYMENT = "web"
     DR = "backend"
+    SERVICE = "backend"
     HOST = "backend.staging.svc.cluster.local"
 
     def seed(self, annotations: dict[str, str] | None = None, traffic_policy: dict[str, Any] | None = None,
              dr: bool = True, labelled: bool = True) -> None:
-        """A fresh namespace (labelled for staging), Deployment ``web`` and DestinationRule ``backend``."""
+        """A fresh namespace (labelled for staging), Deployment ``web``, Service ``backend`` selecting
+        its pods (``web`` is the service's backend: target.serviceDeployment) and DestinationRule
+        ``backend``."""
         c = self.cluster
         c.reset()
         c.add_namespace(self.NAMESPACE, {"autotune.io/staging": "true"} if labelled else {})
         c.add_namespace("production", {"autotune.io/staging": "true"})
         c.add_deployment(self.NAMESPACE, self.DEPLOYMENT, annotations=annotations)
         c.add_deployment("production", self.DEPLOYMENT, annotations=annotations)
+        for ns in (self.NAMESPACE, "production"):
+            c.add_service(ns, self.SERVICE, {"app": self.DEPLOYMENT})
         if dr:
             c.add_destination_rule(self.NAMESPACE, self.DR, self.HOST, traffic_policy)
             c.add_destination_rule("production", self.DR, self.HOST, traffic_policy)
@@ -881,7 +1118,8 @@ class KubeEnv:
         data: dict[str, Any] = {
             "kind": "kubernetes", "kubeconfig": str(self.kubeconfig), "context": "fake",
             "namespace": self.NAMESPACE, "deployment": self.DEPLOYMENT, "destinationRule": self.DR,
-            "host": self.HOST, "serviceUrl": self.backend_url, "pollInterval": 0.05,
+            "host": self.HOST, "serviceUrl": self.backend_url, "serviceDeployment": self.DEPLOYMENT,
+            "pollInterval": 0.05,
             "requestTimeout": 5, "sidecarAdminUrl": f"{self.cluster.url}/sidecar/{self.NAMESPACE}",
             "prometheus": {"url": self.prometheus_url, "scrapeInterval": self.scrape_interval_s, "timeout": 5},
         }

@@ -171,7 +171,7 @@ def test_wait_ready_follows_the_rollout_from_the_patched_generation(
     status = fake.deployment(NS, DEP)["status"]
     assert status["observedGeneration"] == 2 and status["availableReplicas"] == status["updatedReplicas"] == 2
     pod_list = fake.calls("GET", f"/api/v1/namespaces/{NS}/pods")[-1]
-    assert pod_list.query == {"labelSelector": "app=web"}
+    assert pod_list.query == {"labelSelector": "app=web,!autotune.io/fault-replica"}  # not the misbehaving copies
     new_hash = target.observed().details["pod_template_hash"]
     assert new_hash and new_hash != old_hash  # the terminating old pods were not counted
 

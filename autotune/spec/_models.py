@@ -418,6 +418,12 @@ class KubernetesTargetSpec(_Model):
     #: upper bound). Default: ``http://127.0.0.1:15000`` with ``inCluster``, else none
     #: (``timing.xdsPush`` is slept). ``""`` turns the check off.
     sidecar_admin_url: str | None = Field(default=None, pattern=r"^(https?://.+)?$")
+    #: The Deployment behind the service (``service.name``'s Service selects its pods): a
+    #: scenario's faults add misbehaving replicas copied from it. Default: ``service.name``.
+    service_deployment: str | None = Field(default=None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
+    #: The VirtualService of ``host`` that tuned route settings (``retries.*``) are written to;
+    #: created (and deleted again) if it does not exist. Default: ``service.name``.
+    virtual_service: str | None = Field(default=None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
 
 
 TargetSpec = Annotated[LocalTargetSpec | KubernetesTargetSpec, Field(discriminator="kind")]

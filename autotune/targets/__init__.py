@@ -18,4 +18,5 @@ def make_target(spec: StudySpec) -> Target:
         return LocalTarget(spec.target, spec.service, timing=spec.timing)
     from autotune.targets.kubernetes import KubernetesTarget
 
-    return KubernetesTarget(spec.target, spec.service, spec.sidecar, timing=spec.timing)
+    return KubernetesTarget(spec.target, spec.service, spec.sidecar, timing=spec.timing,
+                            service_faults=any(s.faults for s in spec.scenario_list()))

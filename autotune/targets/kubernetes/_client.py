@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 config: Any = _config  # kube_config's loaders are untyped
 
 DR_GROUP, DR_VERSION, DR_PLURAL = "networking.istio.io", "v1", "destinationrules"
+VS_PLURAL = "virtualservices"
 FIELD_MANAGER = "autotune"
 MERGE_PATCH = "application/merge-patch+json"
 T = TypeVar("T")
@@ -165,35 +166,70 @@ class KubeApi:
             name, self.namespace, patch, field_manager=FIELD_MANAGER, field_validation="Strict",
             _content_type=MERGE_PATCH, **self._opts))
 
+    def list_deployments(self, label_selector: str) -> list[dict[str, Any]]:
+        data = self._raw(Resource("list", "deployments", "apps"), lambda: self._apps.list_namespaced_deployment(
+            self.namespace, label_selector=label_selector, **self._opts))
+        return list(data.get("items") or [])
+
+    def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        sent: Any = body  # the client sends a JSON dict as it is
+        return self._raw(Resource("create", "deployments", "apps", name),
+                         lambda: self._apps.create_namespaced_deployment(
+                             self.namespace, sent, field_manager=FIELD_MANAGER, field_validation="Strict",
+                             **self._opts))
+
+    def delete_deployment(self, name: str) -> None:
+        """Background propagation (the API's default): its ReplicaSet and pods are garbage-collected
+        after the Deployment is gone; wait for the pods by listing them."""
+        self._raw(Resource("delete", "deployments", "apps", name), lambda: self._apps.delete_namespaced_deployment(
+            name, self.namespace, propagation_policy="Background", **self._opts))
+
+    def get_service(self, name: str) -> dict[str, Any]:
+        return self._raw(Resource("get", "services", "", name),
+                         lambda: self._core.read_namespaced_service(name, self.namespace, **self._opts))
+
     def list_pods(self, label_selector: str) -> list[dict[str, Any]]:
         data = self._raw(Resource("list", "pods", ""), lambda: self._core.list_namespaced_pod(
             self.namespace, label_selector=label_selector, **self._opts))
         return list(data.get("items") or [])
 
-    # -- DestinationRule -------------------------------------------------------------------
+    # -- Istio custom resources (DestinationRule, VirtualService) --------------------------
 
-    def _dr(self, verb: str, name: str | None) -> Resource:
-        return Resource(verb, DR_PLURAL, DR_GROUP, name)
+    def _cr(self, verb: str, plural: str, name: str | None) -> Resource:
+        return Resource(verb, plural, DR_GROUP, name)
 
-    def get_destination_rule(self, name: str) -> dict[str, Any]:
-        return self._raw(self._dr("get", name), lambda: self._custom.get_namespaced_custom_object(
-            DR_GROUP, DR_VERSION, self.namespace, DR_PLURAL, name, **self._opts))
+    def get_custom(self, plural: str, name: str) -> dict[str, Any]:
+        return self._raw(self._cr("get", plural, name), lambda: self._custom.get_namespaced_custom_object(
+            DR_GROUP, DR_VERSION, self.namespace, plural, name, **self._opts))
 
-    def create_destination_rule(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_custom(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         name = body["metadata"]["name"]
-        return self._raw(self._dr("create", name), lambda: self._custom.create_namespaced_custom_object(
-            DR_GROUP, DR_VERSION, self.namespace, DR_PLURAL, body, field_manager=FIELD_MANAGER,
+        return self._raw(self._cr("create", plural, name), lambda: self._custom.create_namespaced_custom_object(
+            DR_GROUP, DR_VERSION, self.namespace, plural, body, field_manager=FIELD_MANAGER,
             field_validation="Strict", _headers={"Content-Type": "application/json"}, **self._opts))
 
-    def patch_destination_rule(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    def patch_custom(self, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch (custom resources take no strategic merge patch)."""
-        return self._raw(self._dr("patch", name), lambda: self._custom.patch_namespaced_custom_object(
-            DR_GROUP, DR_VERSION, self.namespace, DR_PLURAL, name, patch, field_manager=FIELD_MANAGER,
+        return self._raw(self._cr("patch", plural, name), lambda: self._custom.patch_namespaced_custom_object(
+            DR_GROUP, DR_VERSION, self.namespace, plural, name, patch, field_manager=FIELD_MANAGER,
             field_validation="Strict", _content_type=MERGE_PATCH, **self._opts))
 
+    def delete_custom(self, plural: str, name: str) -> None:
+        self._raw(self._cr("delete", plural, name), lambda: self._custom.delete_namespaced_custom_object(
+            DR_GROUP, DR_VERSION, self.namespace, plural, name, **self._opts))
+
+    def get_destination_rule(self, name: str) -> dict[str, Any]:
+        return self.get_custom(DR_PLURAL, name)
+
+    def create_destination_rule(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.create_custom(DR_PLURAL, body)
+
+    def patch_destination_rule(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.patch_custom(DR_PLURAL, name, patch)
+
     def delete_destination_rule(self, name: str) -> None:
-        self._raw(self._dr("delete", name), lambda: self._custom.delete_namespaced_custom_object(
-            DR_GROUP, DR_VERSION, self.namespace, DR_PLURAL, name, **self._opts))
+        self.delete_custom(DR_PLURAL, name)
 
     # -- RBAC ------------------------------------------------------------------------------
 

@@ -1,58 +1,89 @@
 """What one trial's objects look like: ``mapping``'s output merged into what the user already has.
 
-The tuned connection-pool fields are set or removed (back to Istio's default); every other field of
-the user's DestinationRule and every other key of their ``proxy.istio.io/config`` is kept.
+The managed ``trafficPolicy`` fields are set or removed (back to Istio's default), the
+VirtualService's HTTP routes get the tuned ``retries``; every other field of the user's
+DestinationRule and VirtualService and every other key of their ``proxy.istio.io/config`` is kept.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
 
-from autotune.mesh import ANN_PROXY_CONFIG, MeshConfig, connection_pool, sidecar_annotations
+from autotune.mesh import ANN_PROXY_CONFIG, PARAMETERS, MeshConfig, sidecar_annotations, traffic_policy
 from autotune.spec import SidecarResources
 from autotune.targets.kubernetes._snapshot import MANAGED_ANNOTATIONS
 
-#: Settings the Kubernetes target does not write yet (``check_supported`` refuses them): the
-#: DestinationRule's timeouts, outlier detection and load balancer, and the VirtualService.
-NOT_YET_ON_KUBERNETES = frozenset({
-    "connectionPool.http.idleTimeout", "connectionPool.tcp.connectTimeout",
-    "outlierDetection.consecutive5xxErrors", "outlierDetection.consecutiveGatewayErrors",
-    "outlierDetection.interval", "outlierDetection.baseEjectionTime",
-    "outlierDetection.maxEjectionPercent", "loadBalancer.simple", "retries.attempts",
-    "retries.perTryTimeout",
+#: DestinationRule settings the target always manages: a config that leaves one out removes it
+#: (Istio's default), whether or not the search space tunes it (the circuit breakers).
+ALWAYS_MANAGED = frozenset({
+    "connectionPool.tcp.maxConnections", "connectionPool.http.http1MaxPendingRequests",
+    "connectionPool.http.http2MaxRequests", "connectionPool.http.maxRequestsPerConnection",
+    "connectionPool.http.maxRetries",
 })
-#: The connection-pool fields autotune tunes, by block; the user's other fields are kept.
-TUNED_POOL_FIELDS = {
-    "tcp": ("maxConnections",),
-    "http": ("http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries"),
-}
+#: Parameters written on the DestinationRule's ``trafficPolicy``; each name is its path there.
+DR_PARAMETERS = frozenset(p.name for p in PARAMETERS.values() if p.resource == "destinationrule")
+#: Parameters written on the VirtualService's HTTP routes (``retries``).
+VS_PARAMETERS = frozenset(p.name for p in PARAMETERS.values() if p.resource == "virtualservice")
 
 
-def desired_traffic_policy(current: dict[str, Any] | None, config: MeshConfig) -> dict[str, Any] | None:
-    """``current`` with the tuned ``connectionPool`` fields of ``config`` (left-out ones removed);
-    blocks that end up empty are dropped, so "all defaults" on a DR without policy stays ``None``."""
-    policy = copy.deepcopy(current) if current else {}
-    pool = policy.get("connectionPool") or {}
-    wanted = connection_pool(config)
-    for block, names in TUNED_POOL_FIELDS.items():
-        section = dict(pool.get(block) or {})
-        for name in names:
-            section.pop(name, None)
-        section.update(wanted.get(block) or {})
-        if section:
-            pool[block] = section
+def _remove(node: dict[str, Any], path: list[str]) -> None:
+    """Delete ``path`` from ``node``, and the blocks along it that this leaves empty."""
+    head, *rest = path
+    if head not in node:
+        return
+    if rest:
+        child = node[head]
+        if isinstance(child, dict):
+            _remove(child, rest)
+            if not child:
+                del node[head]
+        return
+    del node[head]
+
+
+def _merge(node: dict[str, Any], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            _merge(node[key], value)
         else:
-            pool.pop(block, None)
-    if pool:
-        policy["connectionPool"] = pool
-    else:
-        policy.pop("connectionPool", None)
+            node[key] = copy.deepcopy(value)
+
+
+def managed_dr_fields(config: MeshConfig, tuned: Iterable[str] = ()) -> frozenset[str]:
+    """The ``trafficPolicy`` fields an apply of ``config`` owns: the circuit breakers, every
+    DestinationRule parameter of the search space (``tuned``), and every one ``config`` sets."""
+    return ALWAYS_MANAGED | (frozenset(tuned) & DR_PARAMETERS) | frozenset(
+        n for n in config.to_params() if n in DR_PARAMETERS)
+
+
+def desired_traffic_policy(current: dict[str, Any] | None, config: MeshConfig,
+                           tuned: Iterable[str] = ()) -> dict[str, Any] | None:
+    """``current`` with the managed fields (``managed_dr_fields``) as ``config`` has them: set
+    ones written as Istio's ``traffic_policy`` writes them, left-out ones removed (Istio's
+    default), blocks that end up empty dropped; the user's other fields are kept. "All
+    defaults" on a DR without policy stays ``None``."""
+    policy = copy.deepcopy(current) if current else {}
+    for name in sorted(managed_dr_fields(config, tuned)):
+        _remove(policy, name.split("."))
+    _merge(policy, traffic_policy(config))
     if not policy and current is None:
         return None
     return policy
+
+
+def with_retries(vs_spec: dict[str, Any], retries: dict[str, Any] | None) -> dict[str, Any]:
+    """``vs_spec`` with ``retries`` on every HTTP route (``None``: removed, Istio's default retry
+    policy applies); every other field is kept."""
+    spec = copy.deepcopy(vs_spec)
+    for route in spec.get("http") or []:
+        route.pop("retries", None)
+        if retries is not None:
+            route["retries"] = copy.deepcopy(retries)
+    return spec
 
 
 def _proxy_config_doc(value: str | None) -> dict[str, Any]:

@@ -47,7 +47,8 @@ def current_pods(pods: list[dict[str, Any]], prefer_hash: str | None) -> tuple[s
 
 def _sidecar_cpu_limit(pod: dict[str, Any]) -> float | None:
     """The injected ``istio-proxy`` container's CPU limit, else the pod's annotation, else none."""
-    for c in (pod.get("spec") or {}).get("containers") or []:
+    spec = pod.get("spec") or {}
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:  # native sidecar
         if c.get("name") == SIDECAR_CONTAINER:
             limit = ((c.get("resources") or {}).get("limits") or {}).get("cpu")
             return parse_cpu(limit) if limit is not None else None
@@ -55,14 +56,18 @@ def _sidecar_cpu_limit(pod: dict[str, Any]) -> float | None:
     return parse_cpu(annotation) if annotation is not None else None
 
 
-def _pod_settings(pod: dict[str, Any]) -> tuple[int, float | None]:
-    """(worker threads, CPU limit) one pod's sidecar runs with: ``concurrency`` from its
+def _pod_settings(pod: dict[str, Any]) -> tuple[int, float]:
+    """(worker threads, CPU limit in force) one pod's sidecar runs with: ``concurrency`` from its
     ``proxy.istio.io/config``, else pilot-agent's ceil(CPU limit)."""
     limit = _sidecar_cpu_limit(pod)
+    # No CPU limit: pilot-agent's ISTIO_CPU_LIMIT (downward API) is the node's allocatable CPU,
+    # which the target cannot read (nodes are cluster-scoped); like ``Observed.expected`` it
+    # assumes the node has as many cores as the machine autotune runs on.
+    in_force = MeshConfig(cpu_limit=limit, no_cpu_limit=limit is None)
     concurrency = proxy_concurrency((_meta(pod).get("annotations") or {}).get(ANN_PROXY_CONFIG))
     if concurrency is None:
-        concurrency = MeshConfig(cpu_limit=limit).effective_concurrency
-    return concurrency, limit
+        concurrency = in_force.effective_concurrency
+    return concurrency, in_force.effective_cpu_limit
 
 
 def observe(traffic_policy: dict[str, Any] | None, pods: list[dict[str, Any]],

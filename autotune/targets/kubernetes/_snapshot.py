@@ -14,13 +14,15 @@ from autotune.mesh import ANN_CPU, ANN_CPU_LIMIT, ANN_MEMORY, ANN_MEMORY_LIMIT, 
 #: The pod-template annotations autotune writes, hence snapshots and restores.
 MANAGED_ANNOTATIONS = (ANN_PROXY_CONFIG, ANN_CPU, ANN_CPU_LIMIT, ANN_MEMORY, ANN_MEMORY_LIMIT)
 STATE_KEY = "kubernetes.snapshot"
-_VERSION = 1
+_VERSION = 2  # 2 added the VirtualService; a version-1 snapshot (none read) is still accepted
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """The DestinationRule's ``spec.trafficPolicy`` (``dr_exists=False``: there was no DR) and the
-    managed pod-template annotations (``None``: absent), of one namespace/deployment/DR."""
+    managed pod-template annotations (``None``: absent), of one namespace/deployment/DR; and the
+    VirtualService's ``spec``, read before autotune first writes it (``virtual_service`` is
+    ``None`` until then; ``vs_spec`` is ``None`` when there was none)."""
 
     namespace: str
     deployment: str
@@ -28,6 +30,8 @@ class Snapshot:
     dr_exists: bool
     traffic_policy: dict[str, Any] | None
     annotations: dict[str, str | None] = field(default_factory=dict)
+    virtual_service: str | None = None
+    vs_spec: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, namespace: str, deployment: dict[str, Any], dr_name: str,
@@ -39,16 +43,20 @@ class Snapshot:
     def to_json(self) -> dict[str, Any]:
         return {"version": _VERSION, "namespace": self.namespace, "deployment": self.deployment,
                 "destinationRule": self.destination_rule, "drExists": self.dr_exists,
-                "trafficPolicy": copy.deepcopy(self.traffic_policy), "annotations": dict(self.annotations)}
+                "trafficPolicy": copy.deepcopy(self.traffic_policy), "annotations": dict(self.annotations),
+                "virtualService": None if self.virtual_service is None else {
+                    "name": self.virtual_service, "spec": copy.deepcopy(self.vs_spec)}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Snapshot:
-        if data.get("version") != _VERSION:
+        if data.get("version") not in (1, _VERSION):
             raise ValueError(f"unknown snapshot version {data.get('version')!r}")
+        vs = data.get("virtualService")
         return cls(namespace=data["namespace"], deployment=data["deployment"],
                    destination_rule=data["destinationRule"], dr_exists=bool(data["drExists"]),
                    traffic_policy=data.get("trafficPolicy"),
-                   annotations={k: data["annotations"].get(k) for k in MANAGED_ANNOTATIONS})
+                   annotations={k: data["annotations"].get(k) for k in MANAGED_ANNOTATIONS},
+                   virtual_service=vs["name"] if vs else None, vs_spec=vs.get("spec") if vs else None)
 
 
 def traffic_policy_of(dr: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -1,9 +1,11 @@
 """The Kubernetes target: Istio on a staging cluster, one namespace, one Deployment, one DestinationRule.
 
-A trial merge-patches the DestinationRule's tuned ``connectionPool`` fields (reaches the sidecars by
-xDS, no restart) and the Deployment's managed pod-template annotations (a rolling restart, only
-when they change), waits like ``kubectl rollout status``, and reads the sidecars' CPU use over the
-measurement window from Prometheus, scoped to the new ReplicaSet's ``pod-template-hash``.
+A trial merge-patches the DestinationRule's managed ``trafficPolicy`` fields and, when route
+settings are tuned, the VirtualService's ``retries`` (both reach the sidecars by xDS, no restart),
+and the Deployment's managed pod-template annotations (a rolling restart, only when they change),
+waits like ``kubectl rollout status``, and reads the sidecars' CPU use over the measurement window
+from Prometheus, scoped to the new ReplicaSet's ``pod-template-hash``. A scenario's service faults
+are misbehaving replicas of the service's backend (``_faults``), created and removed around it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from autotune.errors import FailReason, TargetError, TrialFailed, UnsupportedParameter
-from autotune.mesh import MeshConfig, destination_rule
+from autotune.errors import FailReason, TargetError, TrialFailed
+from autotune.mesh import MeshConfig, destination_rule, http_retries, virtual_service
 from autotune.spec import (
+    EndpointFault,
     KubernetesTargetSpec,
     PrometheusSpec,
     SearchParam,
@@ -27,13 +30,22 @@ from autotune.spec import (
     Timing,
 )
 from autotune.targets._base import Observed, ProxyUsage, StateStore, Target
-from autotune.targets.kubernetes._client import DR_GROUP, DR_PLURAL, ApiCallFailed, KubeApi, make_api_client
+from autotune.targets.kubernetes._client import (
+    DR_GROUP,
+    DR_PLURAL,
+    VS_PLURAL,
+    ApiCallFailed,
+    KubeApi,
+    make_api_client,
+)
 from autotune.targets.kubernetes._desired import (
-    NOT_YET_ON_KUBERNETES,
+    VS_PARAMETERS,
     annotation_patch,
     desired_annotations,
     desired_traffic_policy,
+    with_retries,
 )
+from autotune.targets.kubernetes._faults import FAULT_LABEL, FaultReplicas
 from autotune.targets.kubernetes._observe import observe
 from autotune.targets.kubernetes._propagation import (
     IN_CLUSTER_ADMIN_URL,
@@ -91,17 +103,31 @@ class KubernetesTarget(Target):
     """Tunes one Deployment's client sidecars and one DestinationRule in a staging namespace.
 
     Touches nothing outside ``spec.namespace``. The baseline (DR ``trafficPolicy``, managed
-    annotations) is snapshotted before the first trial and kept in the bound ``StateStore`` until
-    ``close`` has restored it, so a crashed run is repaired by the next ``start``. Not thread-safe.
-    ``api_client`` and ``metrics`` exist for tests; normally both come from the spec.
+    annotations; the VirtualService before autotune first writes it) is snapshotted and kept in
+    the bound ``StateStore`` until ``close`` has restored it, so a crashed run is repaired by the
+    next ``start``; misbehaving replicas a crashed run left are found by their label and removed
+    by ``start``. ``service_faults``: the spec's scenarios have faults (``start`` then checks what
+    they need). Not thread-safe. ``api_client`` and ``metrics`` exist for tests; normally both
+    come from the spec.
     """
 
     name = "kubernetes"
 
+    supports_service_faults = True
+
     def __init__(self, spec: KubernetesTargetSpec, service: ServiceRef, sidecar: SidecarResources, *,
-                 api_client: Any = None, metrics: MetricsReader | None = None, timing: Timing | None = None) -> None:
+                 api_client: Any = None, metrics: MetricsReader | None = None, timing: Timing | None = None,
+                 service_faults: bool = False) -> None:
         self.spec, self.service, self.sidecar = spec, service, sidecar
         self.timing = timing or Timing()
+        self.service_faults = service_faults
+        #: The misbehaving replicas of the service's backend (scenario faults).
+        self.fault_replicas = FaultReplicas(
+            spec.service_deployment or service.name, service.name, dict(MANAGED_BY),
+            rollout_timeout_s=self.timing.rollout_timeout, poll_s=spec.poll_interval,
+            settle_s=self.timing.xds_push)
+        self._tuned: frozenset[str] = frozenset()
+        self._vs_changed = False
         self._api_client, self._metrics = api_client, metrics
         self._api: KubeApi | None = None
         self._store: StateStore | None = None
@@ -122,15 +148,10 @@ class KubernetesTarget(Target):
         self._store = store
 
     def check_supported(self, space: list[SearchParam]) -> None:
-        """Refuse the settings this target does not write yet (it patches the DestinationRule's
-        connection-pool limits and the pod template only), so none is silently ignored."""
-        refused = [p.name for p in space if p.name in NOT_YET_ON_KUBERNETES]
-        if any(p.name == "proxy.cpuLimit" and p.unset for p in space):
-            refused.append("proxy.cpuLimit (unset: true)")
-        if refused:
-            raise UnsupportedParameter(
-                f"the kubernetes target does not apply {', '.join(refused)} yet (only the local target "
-                "does); remove them from the search space to tune on Kubernetes")
+        """Every parameter is applied here (DestinationRule, VirtualService, pod template); the
+        space is remembered: its DestinationRule fields are managed (a config that leaves one out
+        removes it), and ``start`` checks the VirtualService RBAC when route settings are tuned."""
+        self._tuned = frozenset(p.name for p in space)
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -150,6 +171,9 @@ class KubernetesTarget(Target):
             self._metrics.check()
             if self.sidecar_admin_url is not None:
                 check_reachable(self.sidecar_admin_url, self.spec.request_timeout)
+            left = self.fault_replicas.remove(api)
+            if left:
+                logger.warning("removed the misbehaving replicas a previous run left: %s", ", ".join(left))
             self._take_snapshot(deployment, dr)
             self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
         except ApiCallFailed as exc:
@@ -194,6 +218,8 @@ class KubernetesTarget(Target):
         dr = self._get_dr(api, start=True)
         self._check_port_level(dr)
         self._check_rbac(api, dr_exists=dr is not None)
+        if self.service_faults:
+            self.fault_replicas.preflight(api)
         return deployment, dr
 
     def _get_dr(self, api: KubeApi, start: bool = False) -> dict[str, Any] | None:
@@ -225,10 +251,15 @@ class KubernetesTarget(Target):
                     "DestinationRule without a port-level pool for this port")
 
     def _check_rbac(self, api: KubeApi, dr_exists: bool) -> None:
-        needed = [("get", "deployments", "apps"), ("patch", "deployments", "apps"), ("list", "pods", ""),
-                  ("get", DR_PLURAL, DR_GROUP), ("patch", DR_PLURAL, DR_GROUP)]
+        needed = [("get", "deployments", "apps"), ("patch", "deployments", "apps"), ("list", "deployments", "apps"),
+                  ("list", "pods", ""), ("get", DR_PLURAL, DR_GROUP), ("patch", DR_PLURAL, DR_GROUP)]
         if not dr_exists:
             needed += [("create", DR_PLURAL, DR_GROUP), ("delete", DR_PLURAL, DR_GROUP)]
+        if self.service_faults:
+            needed += [("create", "deployments", "apps"), ("delete", "deployments", "apps"),
+                       ("get", "services", "")]
+        if self._tuned & VS_PARAMETERS:
+            needed += [(verb, VS_PLURAL, DR_GROUP) for verb in ("get", "create", "patch", "delete")]
         missing = []
         for verb, resource, group in needed:
             allowed = api.can_i(verb, resource, group)
@@ -286,12 +317,14 @@ class KubernetesTarget(Target):
             step()
 
     def apply(self, config: MeshConfig) -> None:
-        """Merge-patch the DestinationRule (create it if absent) and, only if they change, the
-        managed pod-template annotations. Raises ``TrialFailed(FailReason.REJECTED, server message)`` when
+        """Merge-patch the DestinationRule (create it if absent), the VirtualService when route
+        settings are tuned (create it if absent) and, only if they change, the managed
+        pod-template annotations. Raises ``TrialFailed(FailReason.REJECTED, server message)`` when
         the API server refuses the config, ``TrialFailed(FailReason.API, …)`` on other API errors."""
         api = self._require_started()
         with self._trial_errors():
             self._retry_conflict(lambda: self._apply_dr(api, config))
+            self._retry_conflict(lambda: self._apply_vs(api, config))
             self._retry_conflict(lambda: self._apply_annotations(api, config))
         self._applied = config
         logger.debug("applied %s", config.describe())
@@ -299,7 +332,7 @@ class KubernetesTarget(Target):
     def _apply_dr(self, api: KubeApi, config: MeshConfig) -> None:
         dr = self._get_dr(api)
         current = traffic_policy_of(dr)
-        desired = desired_traffic_policy(current, config)
+        desired = desired_traffic_policy(current, config, self._tuned)
         if dr is None:
             if desired is None:
                 return
@@ -314,6 +347,101 @@ class KubernetesTarget(Target):
         if patch != {}:
             api.patch_destination_rule(self.spec.destination_rule, {"spec": {"trafficPolicy": patch}})
             self._dr_changed = True
+
+    # -- the VirtualService (route settings) -----------------------------------------------------
+
+    @property
+    def _vs_name(self) -> str:
+        return self.spec.virtual_service or self.service.name
+
+    def _get_vs(self, api: KubeApi) -> dict[str, Any] | None:
+        try:
+            return api.get_custom(VS_PLURAL, self._vs_name)
+        except ApiCallFailed as exc:
+            if exc.is_status_not_found:
+                return None
+            raise
+
+    def _snapshot_vs(self, api: KubeApi) -> Snapshot:
+        """The snapshot, with the VirtualService as it was before autotune's first write to it."""
+        snap = self._snapshot
+        assert snap is not None
+        if snap.virtual_service is None:
+            vs = self._get_vs(api)
+            snap = replace(snap, virtual_service=self._vs_name,
+                           vs_spec=(vs or {}).get("spec") if vs is not None else None)
+            self._snapshot = snap
+            if self._store is not None:
+                self._store.set(STATE_KEY, snap.to_json())
+        return snap
+
+    def _apply_vs(self, api: KubeApi, config: MeshConfig) -> None:
+        """Route settings on every HTTP route of the VirtualService; it is created for the host
+        when absent, and deleted again when autotune created it and a config tunes no route setting."""
+        snap = self._snapshot
+        assert snap is not None
+        if not (self._tuned & VS_PARAMETERS or config.tunes("virtualservice") or snap.virtual_service):
+            return
+        snap = self._snapshot_vs(api)
+        retries = http_retries(config)
+        vs, name = self._get_vs(api), self._vs_name
+        if vs is None:
+            if retries is not None:
+                api.create_custom(VS_PLURAL, self._new_vs(config))
+                self._vs_changed = True
+            return
+        if retries is None and snap.vs_spec is None and _managed_by_us(vs):
+            api.delete_custom(VS_PLURAL, name)
+            self._vs_changed = True
+            return
+        spec = vs.get("spec") or {}
+        if not spec.get("http"):
+            raise TrialFailed(FailReason.REJECTED, f"virtualservice {name} has no http routes to put the "
+                              "tuned retries on; point target.virtualService at the one routing the service")
+        desired = with_retries(spec, retries)
+        if desired != spec:
+            api.patch_custom(VS_PLURAL, name, {"metadata": {"resourceVersion": vs["metadata"]["resourceVersion"]},
+                                               "spec": {"http": desired["http"]}})
+            self._vs_changed = True
+
+    def _new_vs(self, config: MeshConfig) -> dict[str, Any]:
+        body = virtual_service(config, self.service)
+        assert body is not None
+        body["metadata"].update(name=self._vs_name, namespace=self.spec.namespace, labels=dict(MANAGED_BY))
+        body["spec"]["hosts"] = [self.spec.host]
+        for route in body["spec"]["http"]:
+            for dest in route["route"]:
+                dest["destination"]["host"] = self.spec.host
+        return body
+
+    def _restore_vs(self, api: KubeApi, snap: Snapshot) -> None:
+        if snap.virtual_service is None:
+            return  # never written
+        vs, name = self._get_vs(api), snap.virtual_service
+        if vs is None:
+            if snap.vs_spec is not None:
+                logger.warning("virtualservice %s was deleted by someone else; not recreating it", name)
+            return
+        if snap.vs_spec is None:
+            if _managed_by_us(vs):
+                api.delete_custom(VS_PLURAL, name)
+            else:
+                logger.warning("virtualservice %s was created by someone else; leaving it", name)
+            return
+        patch = merge_patch(vs.get("spec") or {}, snap.vs_spec)
+        if patch != {}:
+            api.patch_custom(VS_PLURAL, name, {"spec": patch})
+
+    # -- scenario faults -------------------------------------------------------------------------
+
+    def set_service_faults(self, faults: Sequence[EndpointFault]) -> None:
+        """Misbehaving replicas of the service's backend (``_faults``): ``faults`` replaces the
+        ones in force and returns once they are rolled out and ``timing.xdsPush`` has passed;
+        ``()`` removes them and returns once their pods are gone. ``TrialFailed`` on API errors,
+        a failed rollout or a timeout (``timing.rolloutTimeout``)."""
+        api = self._require_started()
+        with self._trial_errors():
+            self.fault_replicas.put(api, faults)
 
     def _apply_annotations(self, api: KubeApi, config: MeshConfig) -> None:
         assert self._snapshot is not None
@@ -349,9 +477,9 @@ class KubernetesTarget(Target):
                                        expected_thresholds(self._applied, self.service),
                                        self.timing.xds_push, self.spec.poll_interval)
                 logger.debug("the client sidecar ran the applied config after %.2f s", took)
-            elif self._dr_changed:
-                time.sleep(self.timing.xds_push)
-            self._dr_changed = False
+            if self._vs_changed or (self.sidecar_admin_url is None and self._dr_changed):
+                time.sleep(self.timing.xds_push)  # the propagation check covers the circuit breakers only
+            self._dr_changed = self._vs_changed = False
             if self._pod_hash is None:
                 self._pod_hash = self._find_pod_hash(api, api.get_deployment(self.spec.deployment))
 
@@ -367,7 +495,7 @@ class KubernetesTarget(Target):
 
     def _find_pod_hash(self, api: KubeApi, dep: dict[str, Any]) -> str | None:
         """The ``pod-template-hash`` of the Deployment's non-terminating pods (the new ReplicaSet)."""
-        selector = _label_selector(((dep.get("spec") or {}).get("selector")) or {})
+        selector = _own_pods(dep)
         pods = [p for p in api.list_pods(selector) if not (p.get("metadata") or {}).get("deletionTimestamp")]
         hashes = Counter(((p.get("metadata") or {}).get("labels") or {}).get("pod-template-hash") for p in pods)
         hashes.pop(None, None)
@@ -426,17 +554,19 @@ class KubernetesTarget(Target):
         with self._trial_errors():
             policy = traffic_policy_of(self._get_dr(api))
             dep = api.get_deployment(self.spec.deployment)
-            pods = api.list_pods(_label_selector(((dep.get("spec") or {}).get("selector")) or {}))
+            pods = api.list_pods(_own_pods(dep))
         return observe(policy, pods, self._pod_hash)
 
     # -- restore and close ---------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Put the snapshot back and wait for the rollout if the annotations changed; a no-op
-        before start, after close, or when the baseline is in force. Raises ``TargetError``."""
+        """Remove the misbehaving replicas (waiting until their pods are gone), put the snapshot
+        back and wait for the rollout if the annotations changed; a no-op before start, after
+        close, or when the baseline is in force. Raises ``TargetError``."""
         if not self._started or self._closed or self._snapshot is None:
             return
         try:
+            self.fault_replicas.remove(self._connect())
             self._restore_to(self._snapshot)
         except ApiCallFailed as exc:
             raise TargetError(f"could not restore the baseline: {exc.describe()}") from None
@@ -446,10 +576,11 @@ class KubernetesTarget(Target):
     def _restore_to(self, snap: Snapshot) -> None:
         api = self._connect()
         self._retry_conflict(lambda: self._restore_dr(api, snap))
+        self._retry_conflict(lambda: self._restore_vs(api, snap))
         self._retry_conflict(lambda: self._restore_annotations(api, snap))
         if self._rollout_generation is not None:
             self._wait_rollout(api, self._rollout_generation, self.timing.rollout_timeout)
-        self._dr_changed = False
+        self._dr_changed = self._vs_changed = False
         self._applied = None
 
     def _restore_dr(self, api: KubeApi, snap: Snapshot) -> None:
@@ -460,8 +591,7 @@ class KubernetesTarget(Target):
                 logger.warning("destinationrule %s was deleted by someone else; not recreating it", name)
             return
         if not snap.dr_exists:
-            labels = (dr.get("metadata") or {}).get("labels") or {}
-            if all(labels.get(k) == v for k, v in MANAGED_BY.items()):
+            if _managed_by_us(dr):
                 api.delete_destination_rule(name)
             else:
                 logger.warning("destinationrule %s was created by someone else; leaving it", name)
@@ -507,6 +637,18 @@ class KubernetesTarget(Target):
         if not self._started or self._closed or self._api is None:
             raise TargetError("the kubernetes target is not running (call start first)")
         return self._api
+
+
+def _managed_by_us(obj: dict[str, Any]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in MANAGED_BY.items())
+
+
+def _own_pods(dep: dict[str, Any]) -> str:
+    """The Deployment's pods without the misbehaving copies of it (whose labels its selector
+    also matches)."""
+    return ",".join(filter(None, (_label_selector(((dep.get("spec") or {}).get("selector")) or {}),
+                                  f"!{FAULT_LABEL}")))
 
 
 def _label_selector(selector: dict[str, Any]) -> str:
