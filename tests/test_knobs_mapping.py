@@ -24,7 +24,7 @@ import yaml
 from _crd import DR_CRD, VS_CRD, load_crd, strict_dr_schema, strict_vs_schema
 from _specs import small_spec, small_spec_data
 from autotune import mesh
-from autotune.errors import SpecError, UnsupportedParameter
+from autotune.errors import SpecError
 from autotune.mesh import NO_LIMIT, PARAMETERS, MeshConfig
 from autotune.spec import KubernetesTargetSpec, ServiceRef, SidecarResources, parse_spec
 from autotune.study import suggest
@@ -278,19 +278,20 @@ def test_sampler_suggests_categorical_values_and_no_limit(tmp_path: Path) -> Non
     assert any(seen) and not all(seen)
 
 
-def test_kubernetes_target_refuses_the_knobs_it_does_not_apply_yet(tmp_path: Path) -> None:
+def test_kubernetes_target_accepts_every_knob(tmp_path: Path) -> None:
+    """Every parameter has a place on Kubernetes (DestinationRule, VirtualService, pod template;
+    tests/test_kubernetes_faults.py applies them to the fake cluster)."""
     spec = _spec_with(tmp_path, {"outlierDetection.interval": {"low": "1s", "high": "10s"},
                                  "retries.attempts": {"low": 0, "high": 5},
                                  "proxy.cpuRequest": {"low": "50m", "high": "100m"},
+                                 "proxy.cpuLimit": {"low": "200m", "high": "1", "unset": True},
                                  "connectionPool.tcp.maxConnections": {"low": 1, "high": 10}})
     k8s = KubernetesTargetSpec.model_validate({
         "kind": "kubernetes", "namespace": "staging", "deployment": "d", "destinationRule": "r",
         "host": "h", "serviceUrl": "http://h", "prometheus": {"url": "http://p"}})
     target = KubernetesTarget(k8s, SERVICE, SIDECAR)
-    with pytest.raises(UnsupportedParameter, match=re.escape("outlierDetection.interval, retries.attempts yet")):
-        target.check_supported(spec.search_space())
-    target.check_supported([p for p in spec.search_space()
-                            if p.name in ("proxy.cpuRequest", "connectionPool.tcp.maxConnections")])
+    target.check_supported(spec.search_space())
+    assert {p.name for p in spec.search_space()} <= set(mesh.PARAMETERS)
 
 
 # -- the real Envoy accepts what the local target renders ----------------------------------------

@@ -177,7 +177,7 @@ class KubeApi:
         return self._raw(Resource("create", "deployments", "apps", name),
                          lambda: self._apps.create_namespaced_deployment(
                              self.namespace, sent, field_manager=FIELD_MANAGER, field_validation="Strict",
-                             **self._opts))
+                             _headers={"Content-Type": "application/json"}, **self._opts))
 
     def delete_deployment(self, name: str) -> None:
         """Background propagation (the API's default): its ReplicaSet and pods are garbage-collected
