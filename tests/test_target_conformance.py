@@ -78,7 +78,13 @@ class KubernetesFactory(TargetFactory):
         with c.lock:
             state = {"namespaces": c.namespaces,
                      "deployments": {"/".join(k): d["spec"] for k, d in c.deployments.items()},
-                     "drs": {"/".join(k): d["spec"] for k, d in c.drs.items()}}
+                     # running pods, and the pods of deleted Deployments still terminating
+                     "pods": sorted(p["metadata"]["name"] for ns in c.namespaces for p in c._pods(ns, consume=False)
+                                    if "deletionTimestamp" not in p["metadata"]),
+                     "deleted": sorted("/".join(k) for k in c.deleted),
+                     "drs": {"/".join(k): d["spec"] for k, d in c.drs.items()},
+                     "vss": {"/".join(k): d["spec"] for k, d in c.vss.items()},
+                     "services": {"/".join(k): d["spec"] for k, d in c.services.items()}}
             return json.dumps(state, sort_keys=True)
 
 

@@ -33,6 +33,7 @@ import pytest
 
 from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.mesh import MeshConfig
+from autotune.spec import EndpointFault
 from autotune.targets import Observed, Target
 
 #: Every tuned field set, none at its default.
@@ -254,6 +255,25 @@ class TargetConformance:
             assert target_factory.outside_state() == before
             tgt.close()
             tgt.restore()
+            assert target_factory.outside_state() == before
+
+    # -- service faults (scenarios) -------------------------------------------------------------
+
+    def test_service_faults_act_on_traffic_and_leave_nothing_behind(self, target_factory: TargetFactory) -> None:
+        before = target_factory.outside_state()
+        with closing(target_factory.make()) as tgt:
+            if not tgt.supports_service_faults:
+                pytest.skip(f"the {tgt.name} target does not support service faults")
+            tgt.start()
+            tgt.set_service_faults(())  # always allowed, nothing in force
+            tgt.set_service_faults([EndpointFault(endpoints=1, error_rate=1.0)])
+            failing = burst(tgt.load_url, 12)
+            assert failing[503] >= 1 and failing[200] >= 1, f"one endpoint answers 503 to all: {dict(failing)}"
+            tgt.set_service_faults(())
+            healed = burst(tgt.load_url, 12)
+            assert healed == Counter({200: 12}), f"faults cleared: {dict(healed)}"
+            tgt.set_service_faults([EndpointFault(endpoints=1, delay_ms=5)])
+            tgt.close()  # with faults in force
             assert target_factory.outside_state() == before
 
     # -- errors --------------------------------------------------------------------------------
