@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
@@ -25,6 +31,7 @@ from autotune.errors import SpecError, TargetError
 from autotune.mesh import MeshConfig
 from autotune.spec import EndpointFault, LocalTargetSpec, ServiceRef, UpstreamSpec, parse_spec
 from autotune.targets import ProxyUsage
+from autotune.targets.kubernetes._faults import fault_env
 from autotune.targets.local import LocalTarget
 from autotune.targets.local._counters import ENVOY_COUNTERS
 from autotune.targets.local._target import endpoint_faults
@@ -302,3 +309,22 @@ def test_default_faults_are_in_force_from_the_start() -> None:
         t.restore()
         assert t.endpoint_faults == spec.upstream.faults
         assert t.endpoint_stats()[0]["fault_503"] >= run.statuses[503]  # + wait_ready's probes
+
+
+def test_an_endpoint_started_with_the_fault_variables_misbehaves_as_a_replica_is_told(tmp_path: Path) -> None:
+    """The contract the Kubernetes target writes on a misbehaving replica (and the staging demo's
+    backend, this endpoint, reads): AUTOTUNE_FAULT_ERROR_RATE=1 answers every request 503."""
+    env = {**os.environ, **{e["name"]: e["value"] for e in fault_env(EndpointFault(endpoints=1, error_rate=1.0))}}
+    with subprocess.Popen([sys.executable, "-m", "autotune.targets.local._upstream", "--port", "0"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline().split()[1])
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with pytest.raises(urllib.error.HTTPError) as err:
+                opener.open(f"http://127.0.0.1:{port}/", timeout=5)
+            err.value.close()
+            assert err.value.code == 503
+        finally:
+            proc.terminate()
+            proc.wait(10)

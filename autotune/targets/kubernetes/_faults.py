@@ -7,7 +7,8 @@ of a scenario the target creates ``<deployment>-fault-<i>`` in the staging names
 Deployment's pod template (its labels, which the Service selects, plus the marker label
 ``autotune.io/fault-replica``), ``replicas`` = the fault's ``endpoints``, and on every container
 the environment variables below. The app must honour them; autotune cannot make an image it does
-not know misbehave (``hashicorp/http-echo``, the staging demo's backend, ignores them).
+not know misbehave. The staging demo's backend (autotune's image running the local target's
+endpoint, ``autotune.targets.local._upstream``) reads them.
 
 The copy has no readiness, liveness or startup probe: a replica that fails its readiness probe
 leaves the Service's endpoints and stops being the bad endpoint the scenario is about (a replica
@@ -27,6 +28,7 @@ from autotune.errors import FailReason, TargetError, TrialFailed
 from autotune.spec import EndpointFault
 from autotune.targets.kubernetes._client import ApiCallFailed, KubeApi
 from autotune.targets.kubernetes._rollout import wait_for_rollout
+from autotune.targets.local._upstream import FAULT_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,13 @@ logger = logging.getLogger(__name__)
 FAULT_LABEL = "autotune.io/fault-replica"
 #: Which Deployment a copy was made from (on the copy's own metadata).
 SOURCE_LABEL = "autotune.io/fault-of"
-#: The environment contract, one variable per ``EndpointFault`` field, written on every container.
-ENV_DELAY_MS = "AUTOTUNE_FAULT_DELAY_MS"
-ENV_SERVICE_TIME_FACTOR = "AUTOTUNE_FAULT_SERVICE_TIME_FACTOR"
-ENV_ERROR_RATE = "AUTOTUNE_FAULT_ERROR_RATE"
-ENV_RESET_RATE = "AUTOTUNE_FAULT_RESET_RATE"
+#: The environment contract, one variable per ``EndpointFault`` field, written on every container;
+#: the same names the local service's endpoint (``autotune.targets.local._upstream``, also the
+#: staging demo's backend) reads.
+ENV_DELAY_MS = FAULT_ENV["delay_ms"]
+ENV_SERVICE_TIME_FACTOR = FAULT_ENV["service_time_factor"]
+ENV_ERROR_RATE = FAULT_ENV["error_rate"]
+ENV_RESET_RATE = FAULT_ENV["reset_rate"]
 _PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
 
 

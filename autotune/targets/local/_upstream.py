@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -67,6 +67,19 @@ class Faults:
     @classmethod
     def from_json(cls, text: str) -> Faults:
         return cls(**{k: float(v) for k, v in json.loads(text).items()})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Faults:
+        """The faults named by the ``AUTOTUNE_FAULT_*`` variables of ``env`` (:data:`FAULT_ENV`:
+        what the Kubernetes target writes on a misbehaving replica); unset ones: none."""
+        return cls(**{f: float(env[name]) for f, name in FAULT_ENV.items() if env.get(name)})
+
+
+#: The environment contract of a misbehaving replica, one variable per :class:`Faults` field.
+FAULT_ENV = {"delay_ms": "AUTOTUNE_FAULT_DELAY_MS",
+             "service_time_factor": "AUTOTUNE_FAULT_SERVICE_TIME_FACTOR",
+             "error_rate": "AUTOTUNE_FAULT_ERROR_RATE",
+             "reset_rate": "AUTOTUNE_FAULT_RESET_RATE"}
 
 
 class ServiceTimeSampler:
@@ -355,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sigma", type=float, default=0.5, help="lognormal: std. dev. of the log")
     ap.add_argument("--workers", type=int, default=0, help="concurrent workers (0: no limit)")
     ap.add_argument("--queue-limit", type=int, default=-1, help="waiting requests (-1: no limit)")
-    ap.add_argument("--faults", default="{}", help="initial faults, as JSON")
+    ap.add_argument("--faults", default=None,
+                    help="initial faults, as JSON (default: the AUTOTUNE_FAULT_* environment variables)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--response-bytes", type=int, default=128)
     ap.add_argument("--exit-on-stdin-eof", action="store_true")
@@ -363,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sampler = ServiceTimeSampler(args.distribution, args.service_time_ms, args.sigma, args.seed)
     endpoint = Endpoint(args.workers or None, None if args.queue_limit < 0 else args.queue_limit,
                         sampler, b"x" * args.response_bytes, args.seed)
-    endpoint.faults = Faults.from_json(args.faults)
+    endpoint.faults = Faults.from_json(args.faults) if args.faults is not None else Faults.from_env(os.environ)
     asyncio.run(serve(args.host, args.port, endpoint, args.exit_on_stdin_eof))
 
 
