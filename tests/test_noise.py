@@ -61,3 +61,15 @@ def test_proxy_event_counters_are_summed_over_windows_not_medianed() -> None:
     metrics, _ = aggregate(windows)
     assert metrics["envoy_pending_overflow"] == 40.0
     assert metrics["latency_p95_ms"] == 6.0
+
+
+def test_paired_change_against_a_baseline_that_measured_nothing() -> None:
+    """Under a surge the default's goodput within the SLO is 0: the change exists (no division by
+    zero) and a consistent rise from nothing is an improvement; 0 against 0 is no change."""
+    rise = paired_change([0.0, 0.0, 0.0], [300.0, 310.0, 290.0], 0.9)
+    assert rise.mean_pct == pytest.approx(100.0) and rise.low_pct > 0 and rise.improves("maximize")
+    mixed = paired_change([0.0, 2.0, 0.0], [300.0, 310.0, 290.0], 0.9)  # % of the baseline's mean
+    assert mixed.mean_pct == pytest.approx((300 + 308 + 290) / 3 / (2 / 3) * 100)
+    none = paired_change([0.0, 0.0], [0.0, 0.0], 0.9)
+    assert (none.mean_pct, none.low_pct, none.high_pct) == (0.0, 0.0, 0.0)
+    assert not none.improves("minimize")

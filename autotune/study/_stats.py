@@ -70,11 +70,21 @@ def paired_change(baseline: Sequence[float], candidate: Sequence[float], confide
 
     Pairing rounds cancels slow drift of the machine that affects both alike. With one round the
     interval is unbounded; with zero variance (a deterministic metric such as the CPU limit) it is
-    the point itself.
+    the point itself. Where the baseline measured 0 in some round (no goodput within the SLO
+    under a surge, no errors), a per-round ratio does not exist: the per-round differences are
+    then taken in percent of the baseline's mean, or of the candidate's mean when the baseline's
+    is 0 (so a rise from nothing reads +100 %); both 0 throughout is no change.
     """
     if len(baseline) != len(candidate) or not baseline:
         raise ValueError(f"need equal, non-zero rounds, got {len(baseline)} and {len(candidate)}")
-    d = np.array([(b - a) / a * 100.0 for a, b in zip(baseline, candidate, strict=True)], dtype=float)
+    a_, b_ = np.asarray(baseline, dtype=float), np.asarray(candidate, dtype=float)
+    if np.all(a_ != 0):
+        d = (b_ - a_) / a_ * 100.0
+    else:
+        ref = float(np.mean(a_)) or float(np.mean(b_))
+        if ref == 0:
+            return Change(0.0, 0.0, 0.0, int(a_.size))
+        d = (b_ - a_) / abs(ref) * 100.0
     mean = float(d.mean())
     if d.size == 1:
         return Change(mean, -math.inf, math.inf, 1)
