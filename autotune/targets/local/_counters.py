@@ -33,6 +33,9 @@ ENVOY_COUNTERS: dict[str, str] = {
     "upstream_rq_5xx": "envoy_upstream_5xx",
     "upstream_cx_destroy_remote_with_active_rq": "envoy_upstream_resets",
     "upstream_rq_timeout": "envoy_timeouts",
+    "upstream_rq_per_try_timeout": "envoy_per_try_timeouts",
+    "upstream_cx_total": "envoy_upstream_cx",
+    "upstream_cx_connect_timeout": "envoy_connect_timeouts",
 }
 
 
