@@ -115,7 +115,7 @@ SHORT = {"latency_p95_corrected_ms": "p95", "latency_p99_corrected_ms": "p99", "
 COUNTERS = ("envoy_upstream_rq", "envoy_upstream_cx", "envoy_pending_overflow", "envoy_cx_overflow",
             "envoy_upstream_503", "envoy_upstream_resets", "envoy_retries", "envoy_retry_overflow",
             "envoy_ejections", "envoy_ejections_overflow", "envoy_timeouts", "envoy_per_try_timeouts",
-            "envoy_connect_timeouts")
+            "envoy_connect_timeouts", "envoy_connect_failures")
 METRICS = ("latency_p50_corrected_ms", "latency_p95_corrected_ms", "latency_p99_corrected_ms",
            "latency_p95_ms", "latency_p99_ms", "goodput_rps", "goodput_slo_rps", "achieved_rps",
            "offered_rps", "error_rate", "cpu_used_cores", "cpu_throttled_ratio")
