@@ -82,7 +82,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("retries.attempts", 0, 5, "retries of connect failures and resets (default 2)"),
     Knob("retries.perTryTimeout", 25, 250, "a per-try timeout turns slow answers into 504s (default none)"),
     Knob("proxy.concurrency", 1, 4, "Envoy workers (default 2: ceil of the 2000m limit)"),
-    Knob("proxy.cpuLimit", 0.15, "unset", "a 150m quota throttles; unset = no quota (default 2000m)"),
+    Knob("proxy.cpuLimit", 0.15, "unset", "a 150m quota throttles; unset = no quota, which on a 2-core machine is the default's 2 cores "
+         "and 2 workers (an A/A control)"),
 )
 #: Tunable settings not swept, and why they have no effect on the local target by construction.
 SKIPPED: dict[str, str] = {
@@ -568,11 +569,13 @@ def _brief(row: dict[str, Any]) -> str:
 def _scenario_text(spec: StudySpec) -> str:
     parts = []
     for s in spec.scenario_list():
-        fault = f", faults {[f.model_dump(by_alias=True, exclude_defaults=True) for f in s.faults]}" if s.faults else ""
+        fault = "".join(f", {f.endpoints} endpoint(s) with " + " ".join(
+            f"{k} {v:g}" for k, v in f.model_dump(by_alias=True, exclude_defaults=True).items()
+            if k != "endpoints") for f in s.faults)
         parts.append(f"{s.name} {s.load.offered_rps:.0f} rps{fault}")
     up = spec.target.upstream if isinstance(spec.target, LocalTargetSpec) else None
     service = (f"; {up.endpoints} endpoints × {up.workers} workers, {up.service_time.distribution} "
-               f"{up.service_time.mean_ms:g} ms, queue {up.queue_limit}") if up is not None else ""
+               f"{up.service_time.mean_ms:g} ms, queue limit {up.queue_limit if up.queue_limit is not None else "none"}") if up is not None else ""
     return "; ".join(parts) + service
 
 
