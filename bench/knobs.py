@@ -82,7 +82,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("retries.attempts", 0, 5, "retries of connect failures and resets (default 2)"),
     Knob("retries.perTryTimeout", 25, 250, "a per-try timeout turns slow answers into 504s (default none)"),
     Knob("proxy.concurrency", 1, 4, "Envoy workers (default 2: ceil of the 2000m limit)"),
-    Knob("proxy.cpuLimit", 0.15, "unset", "a 150m quota throttles; unset = no quota, which on a 2-core machine is the default's 2 cores "
+    Knob("proxy.cpuLimit", 0.15, "unset",
+         "a 150m quota throttles; unset = no quota, which on a 2-core machine is the default's 2 cores "
          "and 2 workers (an A/A control)"),
 )
 #: Tunable settings not swept, and why they have no effect on the local target by construction.
@@ -574,8 +575,11 @@ def _scenario_text(spec: StudySpec) -> str:
             if k != "endpoints") for f in s.faults)
         parts.append(f"{s.name} {s.load.offered_rps:.0f} rps{fault}")
     up = spec.target.upstream if isinstance(spec.target, LocalTargetSpec) else None
+    if up is None:
+        return "; ".join(parts)
+    queue = "none" if up.queue_limit is None else str(up.queue_limit)
     service = (f"; {up.endpoints} endpoints × {up.workers} workers, {up.service_time.distribution} "
-               f"{up.service_time.mean_ms:g} ms, queue limit {up.queue_limit if up.queue_limit is not None else "none"}") if up is not None else ""
+               f"{up.service_time.mean_ms:g} ms, queue limit {queue}")
     return "; ".join(parts) + service
 
 
