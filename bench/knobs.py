@@ -61,12 +61,12 @@ class Knob:
 
 #: The knobs swept, in run order, each with a tight and a loose value away from Istio's default.
 KNOBS: tuple[Knob, ...] = (
-    Knob("connectionPool.tcp.maxConnections", 4, 64,
-         "few connections queue requests in Envoy (default: unlimited)"),
+    Knob("connectionPool.tcp.maxConnections", 8, 64,
+         "8 = the service's workers: excess requests wait in Envoy, not at the endpoints (default: unlimited)"),
     Knob("connectionPool.http.http1MaxPendingRequests", 1, 64,
          "a short pending queue sheds load with 503 overflows"),
     Knob("connectionPool.http.http2MaxRequests", 8, 64,
-         "caps requests in flight: sheds a surge before the endpoints' queues fill"),
+         "caps requests in flight (8 = the service's workers): sheds a surge as fast 503s"),
     Knob("connectionPool.http.maxRequestsPerConnection", 1, 100,
          "1 = a new upstream connection per request (no keep-alive)"),
     Knob("connectionPool.http.maxRetries", 1, 64, "caps retries in flight (default: unlimited)"),
@@ -76,14 +76,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob("outlierDetection.consecutiveGatewayErrors", 1, 10, "503s are gateway errors: ejects the failing endpoint"),
     Knob("outlierDetection.interval", 500, 30000, "turns outlier detection on (5 consecutive 5xx); sweep period"),
     Knob("outlierDetection.baseEjectionTime", 1000, 300000, "turns outlier detection on; how long an ejection lasts"),
-    Knob("outlierDetection.maxEjectionPercent", 50, 100,
-         "turns outlier detection on; at 10 % (default) no host of 2 may be ejected"),
+    Knob("outlierDetection.maxEjectionPercent", 25, 100,
+         "turns outlier detection on; at Envoy's 10 % no host of 4 may be ejected, at 25 % one"),
     Knob("loadBalancer.simple", "ROUND_ROBIN", "RANDOM", "ignores endpoint load (default LEAST_REQUEST)"),
     Knob("retries.attempts", 0, 5, "retries of connect failures and resets (default 2)"),
-    Knob("retries.perTryTimeout", 25, 250, "a per-try timeout turns slow answers into 504s (default none)"),
+    Knob("retries.perTryTimeout", 50, 250, "a per-try timeout turns slow answers into 504s (default none)"),
     Knob("proxy.concurrency", 1, 4, "Envoy workers (default 2: ceil of the 2000m limit)"),
-    Knob("proxy.cpuLimit", 0.15, "unset",
-         "a 150m quota throttles; unset = no quota, which on a 2-core machine is the default's 2 cores "
+    Knob("proxy.cpuLimit", 0.1, "unset",
+         "a 100m quota throttles; unset = no quota, which on a 2-core machine is the default's 2 cores "
          "and 2 workers (an A/A control)"),
 )
 #: Tunable settings not swept, and why they have no effect on the local target by construction.
