@@ -102,8 +102,8 @@ DECISION: dict[str, bool] = {
     "cpu_used_cores": False,
 }
 #: How far from the default's median a metric must be (besides leaving its min–max) to matter:
-#: relative, except the error rate's (absolute). Latency and CPU of 2 s windows vary by 10–15 %
-#: between repeats of the default; goodput (a count) by well under 1 %.
+#: relative to it, except the error rate's (absolute) and goodput's (a share of the offered rate,
+#: since the default's goodput within the SLO is 0 under a surge).
 THRESHOLD: dict[str, float] = {
     "latency_p95_corrected_ms": 0.20,
     "latency_p99_corrected_ms": 0.20,
@@ -332,12 +332,15 @@ class Effect:
 
     metric: str
     value: float
-    change: float  # relative to the default's median (error rate: absolute)
+    base: float  # the default's median
+    change: float  # relative to the default's median (error rate: absolute; goodput: of the offered rate)
     better: bool
     size: float  # change over its threshold: how far beyond "matters" it is
 
     def text(self) -> str:
         word = "better" if self.better else "worse"
+        if self.metric == "goodput_slo_rps":
+            return f"{SHORT[self.metric]} {self.base:.0f}→{self.value:.0f}/s {word}"
         if self.metric == "error_rate":
             return f"{SHORT[self.metric]} {100 * self.change:+.1f} pp {word}"
         if self.change > 1.0:
@@ -361,13 +364,18 @@ def effects(row: dict[str, Any], intervals: dict[tuple[str, str], Interval]) -> 
         threshold = THRESHOLD[metric]
         if metric == "error_rate":
             change = v - ref.median
+        elif metric == "goodput_slo_rps":  # of the offered rate: the default's may be 0
+            offered = row["offered_rps"]
+            if not offered > 0:
+                continue
+            change = (v - ref.median) / offered
         else:
             if ref.median == 0:
                 continue
             change = (v - ref.median) / abs(ref.median)
         if abs(change) <= threshold:
             continue
-        out.append(Effect(metric, v, change, (change > 0) == larger_better, abs(change) / threshold))
+        out.append(Effect(metric, v, ref.median, change, (change > 0) == larger_better, abs(change) / threshold))
     return sorted(out, key=lambda e: -e.size)
 
 
@@ -555,8 +563,13 @@ Values that matter, with the Envoy counters that moved (per second; the default'
 
 
 def _threshold_text() -> str:
-    return ", ".join(f"{100 * t:g} pp ({SHORT[m]})" if m == "error_rate" else f"{100 * t:g} % ({SHORT[m]})"
-                     for m, t in THRESHOLD.items())
+    def one(metric: str, t: float) -> str:
+        if metric == "error_rate":
+            return f"{100 * t:g} pp ({SHORT[metric]})"
+        if metric == "goodput_slo_rps":
+            return f"{100 * t:g} % of the offered rate ({SHORT[metric]})"
+        return f"{100 * t:g} % ({SHORT[metric]})"
+    return ", ".join(one(m, t) for m, t in THRESHOLD.items())
 
 
 def _brief(row: dict[str, Any]) -> str:
