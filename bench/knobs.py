@@ -18,9 +18,9 @@ error rate's is absolute). The table shows, per knob and scenario, the largest s
 and its direction; the detail rows (every metric and Envoy counter per value and scenario) go to
 the CSV, the table to bench/RESULTS.md.
 
-Each knob's group (default, tight, loose) runs under ``/tmp/autotune-load.lock`` and is appended to
-the CSV when it completes, so other load tests can run between groups and an interrupted run
-resumes where it stopped (``--fresh`` starts a new CSV).
+Each knob's group (default, tight, loose) runs under ``/tmp/autotune-load.lock`` (``--knobs-per-lock``
+groups per hold) and is appended to the CSV when it completes, so other load tests can run between
+holds and an interrupted run resumes where it stopped (``--fresh`` starts a new CSV).
 """
 
 from __future__ import annotations
@@ -469,6 +469,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/knobs.csv"))
     parser.add_argument("--fresh", action="store_true", help="start a new CSV instead of resuming")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
+    parser.add_argument("--knobs-per-lock", type=int, default=1,
+                        help="knob groups measured per hold of the load lock (released in between)")
     args = parser.parse_args()
     check_classified()
 
@@ -507,18 +509,20 @@ def main() -> None:
             if new_file:
                 writer.writeheader()
             group0 = max((int(r["group"]) for r in rows), default=0)
-            for i, knob in enumerate(todo, 1):
-                group: list[dict[str, Any]] = []
+            chunk = max(1, args.knobs_per_lock)
+            for first in range(0, len(todo), chunk):
                 with load_lock():
-                    for role, value in (("default", None), ("tight", knob.tight), ("loose", knob.loose)):
-                        got = measure_rows(target, spec, group0 + i, knob.name, role, value, args.windows)
-                        group += got
-                        print(f"[{i}/{len(todo)}] {knob.name} {role} {'' if value is None else value}: "
-                              + "; ".join(_brief(r) for r in got), flush=True)
-                writer.writerows(group)
-                fh.flush()
-                rows += group
-                print(f"  ({(time.monotonic() - started) / 60:.1f} min)", flush=True)
+                    for i, knob in enumerate(todo[first:first + chunk], first + 1):
+                        group: list[dict[str, Any]] = []
+                        for role, value in (("default", None), ("tight", knob.tight), ("loose", knob.loose)):
+                            got = measure_rows(target, spec, group0 + i, knob.name, role, value, args.windows)
+                            group += got
+                            print(f"[{i}/{len(todo)}] {knob.name} {role} {'' if value is None else value}: "
+                                  + "; ".join(_brief(r) for r in got), flush=True)
+                        writer.writerows(group)
+                        fh.flush()
+                        rows += group
+                        print(f"  ({(time.monotonic() - started) / 60:.1f} min)", flush=True)
     wall = time.monotonic() - started
     names = [k.name for k in knobs]
     rows = [r for r in rows if r["scenario"] in scenarios]
