@@ -40,11 +40,31 @@ READY_FAILURES = frozenset({FailReason.PROXY_START, FailReason.NOT_READY, FailRe
 
 
 @dataclass(frozen=True)
+class Spread:
+    """How much a point's other figures vary from window to window, as coefficients of variation
+    (lognormal noise, like ``Point.noise_cv`` for the raw latencies): the corrected latencies,
+    the error rate, the throughput ratio, the proxy's CPU and the share of successful requests
+    within the SLO."""
+
+    latency_corrected: float = 0.0
+    error_rate: float = 0.0
+    throughput_ratio: float = 0.0
+    cpu_cores: float = 0.0
+    slo_share: float = 0.0
+
+
+@dataclass(frozen=True)
 class Point:
     """What one config measures per window (before noise). ``fail`` makes its measurement fail
     with that reason: at ``apply`` (rejected, api…), ``wait_ready`` (proxy-start, not-ready,
     rollout-failed), in the load run (load), at ``end_window`` (metrics); ``no-success`` answers
-    with every request failed; ``interrupted`` raises ``KeyboardInterrupt`` inside the window."""
+    with every request failed; ``interrupted`` raises ``KeyboardInterrupt`` inside the window.
+
+    ``latency_*_corrected_ms``: the latencies free of coordinated omission (NaN: none, as from a
+    custom locustfile). ``slo_ms`` and ``slo_share``: the share of successful requests answered
+    within ``slo_ms``, so ``LoadResult.goodput_slo_rps(slo_ms)`` gives it back (without
+    ``slo_ms`` the goodput within an SLO is interpolated from the percentiles). ``spread``: the
+    window-to-window noise of the other figures."""
 
     latency_p50_ms: float
     latency_p95_ms: float
@@ -54,6 +74,12 @@ class Point:
     throughput_ratio: float = 1.0
     noise_cv: float = 0.0
     fail: FailReason | None = None
+    latency_p50_corrected_ms: float = math.nan
+    latency_p95_corrected_ms: float = math.nan
+    latency_p99_corrected_ms: float = math.nan
+    slo_ms: float | None = None
+    slo_share: float = 1.0
+    spread: Spread = Spread()
 
 
 #: A landscape's truth: the point of ``config`` on its ``visit``-th application (0-based), so a
@@ -138,24 +164,54 @@ class Landscape:
 
     def windows(self, point: Point, load: LoadSpec, window_s: float, count: int, run: int) -> list[_Window]:
         """``count`` noisy windows of ``window_s`` of ``point`` under ``load`` (deterministic per run)."""
-        requests = max(1, round(load.offered_rps * window_s * point.throughput_ratio))
-        failures = (requests if point.fail == FailReason.NO_SUCCESS
-                    else min(requests, round(requests * point.error_rate)))
         out = []
         for w in range(count):
-            rng = np.random.default_rng([self.seed, run, w])
-            factor = self.latency_factor * (float(np.exp(rng.normal(0.0, point.noise_cv)))
-                                            if point.noise_cv > 0 else 1.0)
+            noise = _Noise(np.random.default_rng([self.seed, run, w]))
+            factor = self.latency_factor * noise.factor(point.noise_cv)
+            ratio = min(max(1.0, point.throughput_ratio),
+                        point.throughput_ratio * noise.factor(point.spread.throughput_ratio))
+            requests = max(1, round(load.offered_rps * window_s * ratio))
+            error_rate = min(1.0, point.error_rate * noise.factor(point.spread.error_rate))
+            failures = (requests if point.fail == FailReason.NO_SUCCESS
+                        else min(requests, round(requests * error_rate)))
             ok = failures < requests
             p50, p95, p99 = ((point.latency_p50_ms * factor, point.latency_p95_ms * factor,
                               point.latency_p99_ms * factor) if ok else (math.nan,) * 3)
+            corrected = self.latency_factor * noise.factor(point.spread.latency_corrected)
+            c50, c95, c99 = ((point.latency_p50_corrected_ms * corrected, point.latency_p95_corrected_ms * corrected,
+                              point.latency_p99_corrected_ms * corrected) if ok else (math.nan,) * 3)
+            share = min(1.0, point.slo_share * noise.factor(point.spread.slo_share))
             counts = {k: v for k, v in (("200", requests - failures), ("503", failures)) if v}
             out.append(_Window(LoadResult(
                 offered_rps=load.offered_rps, achieved_rps=requests / window_s,
                 requests=requests, failures=failures, window_s=window_s,
                 latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99, status_counts=counts,
-            ), point.cpu_cores))
+                latency_p50_corrected_ms=c50, latency_p95_corrected_ms=c95, latency_p99_corrected_ms=c99,
+                ok_latencies_ms=_within_slo(requests - failures, share, point.slo_ms, p50),
+            ), point.cpu_cores * noise.factor(point.spread.cpu_cores)))
         return out
+
+
+class _Noise:
+    """Lognormal factors drawn in a fixed order from one window's generator (a zero CV draws
+    nothing, so a point without spread keeps the sequence of the others)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def factor(self, cv: float) -> float:
+        return float(np.exp(self.rng.normal(0.0, cv))) if cv > 0 else 1.0
+
+
+def _within_slo(ok: int, share: float, slo_ms: float | None, p50: float) -> tuple[float, ...]:
+    """Sorted stand-in latencies of ``ok`` successful requests, ``share`` of them within
+    ``slo_ms`` (the rest at twice the SLO), so ``goodput_slo_rps(slo_ms)`` is exact; ``()`` without
+    an SLO."""
+    if slo_ms is None or ok <= 0:
+        return ()
+    within = max(0, min(ok, round(ok * share)))
+    inside = min(p50, slo_ms) if math.isfinite(p50) else slo_ms
+    return (inside,) * within + (2.0 * slo_ms,) * (ok - within)
 
 
 class ReplayDriver:
@@ -384,4 +440,5 @@ __all__ = [
     "RecordedGrid",
     "ReplayDriver",
     "ReplayTarget",
+    "Spread",
 ]
