@@ -52,9 +52,8 @@ def test_nearest_recorded_config_over_numeric_categorical_and_unset_cpu_limit(tm
     assert grid.nearest(MeshConfig(no_cpu_limit=True, lb_simple="RANDOM")) == 1
     assert grid.nearest(MeshConfig(cpu_limit=1.0, lb_simple="RANDOM")) == 3
     # The load-balancing policy decides between two configs the numbers alone would not.
-    between = {"cpu_limit": 0.3, "max_connections": 16}
-    assert grid.nearest(MeshConfig(lb_simple="RANDOM", **between)) == 3  # type: ignore[arg-type]
-    assert grid.nearest(MeshConfig(lb_simple="ROUND_ROBIN", **between)) == 2  # type: ignore[arg-type]
+    assert grid.nearest(MeshConfig(cpu_limit=0.3, max_connections=16, lb_simple="RANDOM")) == 3
+    assert grid.nearest(MeshConfig(cpu_limit=0.3, max_connections=16, lb_simple="ROUND_ROBIN")) == 2
     # Numbers snap in log space: 25 connections are nearer to 4 than to 256 in log, not in value.
     assert grid.nearest(MeshConfig(no_cpu_limit=True, lb_simple="RANDOM", max_connections=25)) == 1
 
