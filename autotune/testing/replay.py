@@ -12,9 +12,12 @@ window callbacks at each window's edges like Locust does. Both share one landsca
 Scenarios: the landscape knows the service faults in force (``ReplayTarget.set_service_faults``)
 and each run's load; ``conditions(config, point, load, faults)``, if given, turns the config's
 point into what it measures under them (a surge, a failing endpoint).
+``autotune.testing.scenario_grid.ScenarioGrid`` builds such a landscape from a recorded CSV.
 
 Noise is deterministic: window ``w`` of the landscape's ``n``-th load run multiplies the three
-latencies by ``exp(N(0, noise_cv))`` drawn from ``numpy.random.default_rng([seed, n, w])``.
+latencies by ``exp(N(0, noise_cv))`` drawn from ``numpy.random.default_rng([seed, n, w])``, then
+(each only when the point's ``spread`` gives it a CV) the throughput ratio, the error rate, the
+corrected latencies, the share within the SLO and the CPU by factors drawn the same way.
 """
 
 from __future__ import annotations
