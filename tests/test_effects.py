@@ -15,6 +15,7 @@ from autotune.export import export_study, knob_effects_table, pareto_frame, resu
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
 from autotune.study import (
+    MIN_TRIALS_PER_KNOB,
     KnobEffects,
     KnobTest,
     KnobVerdict,
@@ -168,11 +169,11 @@ def test_a_choice_and_an_unset_cpu_limit_are_tested_like_any_knob() -> None:
     assert not verdicts["connectionPool.http.maxRetries"].matters
 
 
-def _effects(null: list[str], acting: list[str]) -> KnobEffects:
+def _effects(null: list[str], acting: list[str], trials: int = 20) -> KnobEffects:
     verdicts = [KnobVerdict(k, True, ["steady.latency_p95_ms"], [KnobTest("steady.latency_p95_ms", 0.6, 0.001)])
                 for k in acting]
     verdicts += [KnobVerdict(k, False, [], [KnobTest("steady.latency_p95_ms", 0.05, 0.9)]) for k in null]
-    return KnobEffects(alpha=0.1, permutations=2000, trials=20,
+    return KnobEffects(alpha=0.1, permutations=2000, trials=trials,
                        models={"steady.latency_p95_ms": "conditional"}, verdicts=verdicts)
 
 
@@ -189,6 +190,21 @@ def test_minimal_config_leaves_out_the_knobs_without_effect() -> None:
     # Nothing to reset, or no verdicts: the config as searched.
     assert minimal_config(config, _effects([], EFFECTIVE + NULL)) == (config, [])
     assert minimal_config(config, None) == (config, [])
+
+
+def test_with_too_few_trials_per_knob_nothing_is_reset() -> None:
+    """Fewer than MIN_TRIALS_PER_KNOB analysed trials per knob (a 10-trial demo over 6 knobs):
+    the test misses real effects too often, so the minimal config is the config as searched, and
+    the verdict table says why."""
+    config = MeshConfig(cpu_limit=0.3, max_connections=8, http1_max_pending_requests=64, max_retries=3)
+    knobs = len(NULL) + len(EFFECTIVE)
+    enough = _effects(NULL, EFFECTIVE, trials=MIN_TRIALS_PER_KNOB * knobs)
+    few = _effects(NULL, EFFECTIVE, trials=MIN_TRIALS_PER_KNOB * knobs - 1)
+    assert minimal_config(config, enough)[1] == ["connectionPool.http.http1MaxPendingRequests",
+                                                 "connectionPool.http.maxRetries"]
+    assert minimal_config(config, few) == (config, [])
+    assert "Too few trials to leave any knob at its default" in knob_effects_table(few).title
+    assert "Too few trials" not in knob_effects_table(enough).title
 
 
 def test_the_records_round_trip_and_old_confirmations_still_load(tmp_path: Path) -> None:

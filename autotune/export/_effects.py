@@ -13,7 +13,7 @@ import pydantic
 
 from autotune.export._table import TextTable
 from autotune.mesh import MeshConfig, ServiceRef, SidecarResources, manifest_files
-from autotune.study import KnobEffects, KnobTest, TrialRecord
+from autotune.study import MIN_TRIALS_PER_KNOB, KnobEffects, KnobTest, TrialRecord, can_reset
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ def knob_effects_table(effects: KnobEffects, title: str | None = None) -> TextTa
     for each metric where it matters, its effect size (partial R² on ranks) and adjusted p-value;
     for a knob with no detected effect, its strongest test, for reference."""
     title = title or (f"Which knobs matter (family-wise alpha {effects.alpha:.2f}, {effects.trials} "
-                      f"trials, {effects.permutations} permutations)")
+                      f"trials, {effects.permutations} permutations)"
+                      + ("" if can_reset(effects) else f"\n{_too_few(effects)}"))
     rows = []
     for v in effects.verdicts:
         if not v.tested:
@@ -63,9 +64,18 @@ def knob_effects_section(effects: KnobEffects | None) -> list[str]:
               "rank variance the knob explains beyond the other knobs; `p` is adjusted for the whole "
               f"table. Model: {', '.join(models) or '-'}. \"No effect detected\" is not proof of no "
               "effect: the exported manifests leave such knobs at Istio's default, and the confirmation "
-              "measured that minimal config.", "",
-              knob_effects_table(effects, "").markdown(), ""]
+              "measured that minimal config.", ""]
+    if not can_reset(effects):
+        lines += [_too_few(effects), ""]
+    lines += [knob_effects_table(effects, "").markdown(), ""]
     return lines
+
+
+def _too_few(effects: KnobEffects) -> str:
+    need = MIN_TRIALS_PER_KNOB * len(effects.verdicts)
+    return (f"Too few trials to leave any knob at its default ({effects.trials} analysed, {need} needed: "
+            f"{MIN_TRIALS_PER_KNOB} per knob): a real effect is missed too often with fewer, so the "
+            "manifests and the confirmation keep every knob as searched.")
 
 
 def minimal_manifests(record: TrialRecord, minimal: MeshConfig, reset: list[str],

@@ -10,7 +10,14 @@ the objectives and constraints, samplers and storage, and the ``Observer`` proto
 from __future__ import annotations
 
 from autotune.study._confirm import confirm_front
-from autotune.study._effects import effect_metrics, knob_effects, minimal_config, record_knob_effects
+from autotune.study._effects import (
+    MIN_TRIALS_PER_KNOB,
+    can_reset,
+    effect_metrics,
+    knob_effects,
+    minimal_config,
+    record_knob_effects,
+)
 from autotune.study._front import baseline_trial, pareto_trials
 from autotune.study._lease import StudyLease
 from autotune.study._loop import (
@@ -62,6 +69,7 @@ __all__ = [
     "MANIFESTS",
     "METRIC_LABELS",
     "METRIC_NAMES",
+    "MIN_TRIALS_PER_KNOB",
     "Change",
     "Confirmation",
     "ConfirmedConfig",
@@ -78,6 +86,7 @@ __all__ = [
     "TrialRecord",
     "aggregate",
     "baseline_trial",
+    "can_reset",
     "config_of",
     "confirm_front",
     "confirmation_of",
