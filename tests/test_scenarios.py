@@ -273,25 +273,49 @@ def test_scenario_settings_survive_a_copy_with_overrides(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_a_failing_endpoint_scenario_on_the_local_target_aborts_after_one_window(tmp_path: Path) -> None:
     """steady (one window), then one of the two endpoints answering 503 to half its requests:
-    its first window breaks the scenario's 5 % error limit, so its two other windows are skipped;
-    the endpoints are healed afterwards."""
-    from autotune.targets import make_target
+    its first window breaks the scenario's 5 % error limit, so its two other windows are skipped
+    — the target measures one window with the fault in force and the load stops there (Envoy
+    saw no more requests than one window's) — and the endpoints are healed afterwards."""
+    from autotune.mesh import cluster_name
+    from autotune.targets import ProxyUsage, make_target
     from autotune.targets.local import LocalTarget
+    from autotune.targets.local._counters import read_counters
 
+    fault = EndpointFault(endpoints=1, error_rate=0.5)
     spec = small_spec(tmp_path, **{
         "scenarios": [{"name": "steady", "windows": 1},
-                      {"name": "failing", "faults": [{"endpoints": 1, "errorRate": 0.5}], "windows": 3}],
+                      {"name": "failing", "faults": [fault.model_dump(by_alias=True)], "windows": 3}],
         "constraints": {"failing": {"maxErrorRate": 0.05}}})
     target = make_target(spec)
     assert isinstance(target, LocalTarget)
+    measured: list[tuple[tuple[EndpointFault, ...], float]] = []  # faults in force, Envoy's requests
+    end_window = target.end_window
+
+    def recording_end_window() -> ProxyUsage:
+        usage = end_window()
+        measured.append((target.endpoint_faults, usage.extra["envoy_upstream_rq"]))
+        return usage
+
+    target.end_window = recording_end_window  # type: ignore[method-assign]
     with target:
         m = measure_config(target, spec, MeshConfig())
+        assert target.envoy is not None
+        sent = read_counters(target.envoy, cluster_name(spec.service))["upstream_rq_total"]
         assert target.endpoint_faults == ()  # healed after the scenario
-    print({k: round(v, 3) for k, v in m.metrics.items() if k.endswith(("error_rate", "p95_ms"))}, m.aborted)
+    print({k: round(v, 3) for k, v in m.metrics.items() if k.endswith(("error_rate", "p95_ms"))},
+          m.aborted, measured, sent)
     assert m.metrics["steady.error_rate"] == 0.0
     assert m.metrics["failing.error_rate"] > 0.05
     assert m.aborted is not None and (m.aborted.scenario, m.aborted.skipped_windows) == ("failing", 2)
     assert m.metrics["windows"] == 2 and m.aborted.saved_s == pytest.approx(2 * spec.timing.window)
+    # The target measured exactly one window of each scenario, the second with the fault in force.
+    assert [faults for faults, _ in measured] == [(), (fault,)]
+    rate, warmup, window = spec.load.offered_rps, spec.timing.warmup, spec.timing.window
+    assert all(n == pytest.approx(rate * window, rel=0.2) for _, n in measured), measured
+    assert m.metrics["failing.requests"] == pytest.approx(rate * window, rel=0.2)
+    # Locust stopped after that window: Envoy saw two warm-ups and two windows of requests
+    # (600 here), not the three windows the failing scenario planned (1000).
+    assert sent < rate * (2 * warmup + 2 * window) + 0.5 * rate * window, sent
 
 
 def test_the_report_and_the_cli_show_each_scenario_against_the_default(tmp_path: Path) -> None:

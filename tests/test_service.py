@@ -1,32 +1,27 @@
 """The local service model: finite-capacity endpoints, service-time distributions, endpoint faults,
 and Envoy's counters per window — on the real local target (real Envoy, real endpoint processes).
 
-The load is an open-loop client (requests leave on a fixed schedule whatever the answers, each
-on an idle keep-alive connection or a new one; latency is measured from the scheduled time), so
-a queue above capacity shows as it grows. Tests that start processes need the Envoy binary and a
+The load is an open-loop client (``tests/_openloop.py``), so a queue above capacity shows as it
+grows. Tests that start processes need the Envoy binary and a
 CPU cgroup; run them under ``flock /tmp/autotune-load.lock``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import statistics
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import psutil
 import pytest
 
 from _local import ENVOY_MISSING, SUPPORT
+from _openloop import run_open_loop
 from autotune.errors import SpecError, TargetError
 from autotune.mesh import MeshConfig
 from autotune.spec import EndpointFault, LocalTargetSpec, ServiceRef, UpstreamSpec, parse_spec
@@ -99,6 +94,18 @@ def test_faults_apply_to_disjoint_endpoints_in_order() -> None:
         endpoint_faults([failing, slow], 2)
 
 
+def test_refused_connections_are_a_fault_of_their_own() -> None:
+    fault = EndpointFault.model_validate({"endpoints": 1, "refuseConnections": True})
+    assert fault.refuse_connections and fault.model_dump(by_alias=True)["refuseConnections"] is True
+    assert endpoint_faults([fault], 2) == [Faults(refuse_connections=True), Faults()]
+    faults = Faults(error_rate=0.5, refuse_connections=True)
+    assert Faults.from_json(faults.to_json()) == faults
+    with pytest.raises(TypeError, match="refuse_connections must be true or false"):
+        Faults.from_dict({"refuse_connections": 1})
+    with pytest.raises(TypeError, match="error_rate must be a number"):
+        Faults.from_dict({"error_rate": True})
+
+
 def test_envoy_counters_reach_the_trial_record_and_trials_csv() -> None:
     import optuna
 
@@ -126,80 +133,6 @@ def test_envoy_counters_reach_the_trial_record_and_trials_csv() -> None:
 
 # -- the real local target -----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Run:
-    """What the open-loop client saw, and what the target measured over the same interval."""
-
-    latencies_ms: list[float]  # of the 200s, from the scheduled send time
-    statuses: dict[int, int]  # status → count; 0 = connection error
-    usage: ProxyUsage
-    upstream_cpu_s: float
-
-    def p95(self) -> float:
-        return statistics.quantiles(self.latencies_ms, n=100)[94]
-
-    @property
-    def sent(self) -> int:
-        return sum(self.statuses.values())
-
-
-async def _open_loop(url: str, rps: float, seconds: float) -> tuple[list[float], dict[int, int]]:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    opened: list[asyncio.StreamWriter] = []
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-
-    async def one(scheduled: float) -> None:
-        conn = idle.pop() if idle else None
-        status = 0
-        try:
-            if conn is None:
-                conn = await asyncio.open_connection(host, port)
-                opened.append(conn[1])
-            reader, writer = conn
-            writer.write(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            status = int(head.split(b" ", 2)[1])
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            await reader.readexactly(length)
-            if status == 200:
-                latencies.append((time.monotonic() - scheduled) * 1000)
-            idle.append(conn)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, StopIteration, ValueError):
-            status = 0
-        statuses[status] = statuses.get(status, 0) + 1
-
-    start = time.monotonic()
-    tasks = []
-    for i in range(int(rps * seconds)):
-        scheduled = start + i / rps
-        await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
-        tasks.append(asyncio.create_task(one(scheduled)))
-    await asyncio.gather(*tasks)
-    for writer in opened:
-        writer.close()
-    return latencies, statuses
-
-
-def _upstream_cpu_s(target: LocalTarget) -> float:
-    total = 0.0
-    for pid in target.endpoint_pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
-
-
-def _run(target: LocalTarget, rps: float, seconds: float = 3.0) -> Run:
-    cpu0 = _upstream_cpu_s(target)
-    target.begin_window()
-    latencies, statuses = asyncio.run(_open_loop(target.load_url, rps, seconds))
-    usage = target.end_window()
-    return Run(latencies, statuses, usage, _upstream_cpu_s(target) - cpu0)
-
-
 real = pytest.mark.skipif(bool(ENVOY_MISSING) or not SUPPORT.available,
                           reason=ENVOY_MISSING or f"no writable CPU cgroup: {SUPPORT.reason}")
 
@@ -213,8 +146,8 @@ def target() -> Iterator[LocalTarget]:
 
 @real
 def test_above_capacity_the_queue_grows_without_burning_cpu(target: LocalTarget) -> None:
-    below = _run(target, 0.5 * CAPACITY_RPS)
-    above = _run(target, 1.5 * CAPACITY_RPS)
+    below = run_open_loop(target, 0.5 * CAPACITY_RPS)
+    above = run_open_loop(target, 1.5 * CAPACITY_RPS)
     print(f"\np95 at 50% of capacity: {below.p95():.1f} ms, at 150%: {above.p95():.1f} ms; "
           f"upstream CPU at 150%: {above.upstream_cpu_s / above.usage.window_s:.3f} cores, "
           f"{1e3 * above.upstream_cpu_s / above.sent:.3f} ms per request; "
@@ -236,7 +169,7 @@ def test_above_capacity_the_queue_grows_without_burning_cpu(target: LocalTarget)
 def test_tight_pools_shed_load_and_keep_latency_bounded(target: LocalTarget) -> None:
     target.apply(MeshConfig(max_connections=ENDPOINTS * WORKERS, http1_max_pending_requests=4))
     target.wait_ready(20)
-    run = _run(target, 1.5 * CAPACITY_RPS)
+    run = run_open_loop(target, 1.5 * CAPACITY_RPS)
     extra = run.usage.extra
     print(f"\ntight pools at 150%: {run.statuses}, p95 of 200s {run.p95():.1f} ms, counters "
           f"{ {k: v for k, v in extra.items() if v} }")
@@ -250,10 +183,10 @@ def test_tight_pools_shed_load_and_keep_latency_bounded(target: LocalTarget) -> 
 @real
 def test_failing_endpoint_shows_in_the_counters_and_heals_live(target: LocalTarget) -> None:
     target.set_endpoint_faults([EndpointFault(endpoints=1, error_rate=0.5)])
-    failing = _run(target, 0.4 * CAPACITY_RPS, seconds=2.0)
+    failing = run_open_loop(target, 0.4 * CAPACITY_RPS, seconds=2.0)
     stats = target.endpoint_stats()
     target.set_endpoint_faults([])
-    healed = _run(target, 0.4 * CAPACITY_RPS, seconds=2.0)
+    healed = run_open_loop(target, 0.4 * CAPACITY_RPS, seconds=2.0)
     print(f"\none endpoint failing half its requests: {failing.statuses}, "
           f"envoy_upstream_503={failing.usage.extra['envoy_upstream_503']}; healed: {healed.statuses}")
     # Least-request balancing over two endpoints sends it about half: a quarter fail.
@@ -268,19 +201,19 @@ def test_failing_endpoint_shows_in_the_counters_and_heals_live(target: LocalTarg
 @real
 def test_slow_endpoint_and_restore_puts_the_spec_faults_back(target: LocalTarget) -> None:
     target.set_endpoint_faults([EndpointFault(endpoints=1, delay_ms=200)])
-    slow = _run(target, 0.2 * CAPACITY_RPS, seconds=2.0)
+    slow = run_open_loop(target, 0.2 * CAPACITY_RPS, seconds=2.0)
     assert slow.statuses == {200: slow.sent}
     assert max(slow.latencies_ms) > 200 > min(slow.latencies_ms)  # one endpoint of two is slow
     target.restore()
     assert target.endpoint_faults == SPEC.upstream.faults == ()
-    fast = _run(target, 0.2 * CAPACITY_RPS, seconds=1.0)
+    fast = run_open_loop(target, 0.2 * CAPACITY_RPS, seconds=1.0)
     assert max(fast.latencies_ms) < 150, max(fast.latencies_ms)
 
 
 @real
 def test_reset_connections_show_as_upstream_resets(target: LocalTarget) -> None:
     target.set_endpoint_faults([EndpointFault(endpoints=1, reset_rate=1.0)])
-    run = _run(target, 0.2 * CAPACITY_RPS, seconds=2.0)
+    run = run_open_loop(target, 0.2 * CAPACITY_RPS, seconds=2.0)
     extra = run.usage.extra
     print(f"\none endpoint resetting every connection: {run.statuses}, counters "
           f"{ {k: v for k, v in extra.items() if v} }")
@@ -303,7 +236,7 @@ def test_default_faults_are_in_force_from_the_start() -> None:
         update={"faults": (EndpointFault(endpoints=1, error_rate=1.0),)})})
     with LocalTarget(spec, SERVICE) as t:  # ready although one endpoint always fails
         assert isinstance(t, LocalTarget)
-        run = _run(t, 0.2 * CAPACITY_RPS, seconds=1.0)
+        run = run_open_loop(t, 0.2 * CAPACITY_RPS, seconds=1.0)
         assert 0 < run.statuses.get(503, 0) < run.sent
         t.set_endpoint_faults([])
         t.restore()

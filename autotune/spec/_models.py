@@ -285,14 +285,18 @@ class EndpointFault(_Model):
     """``endpoints`` of the service's endpoints misbehaving the same way: each request takes
     ``delay_ms`` more and its service time times ``service_time_factor`` (the worker is held all
     that time), or is answered ``503`` (share ``error_rate``) or has its connection reset before
-    any response (share ``reset_rate``). A list of faults applies to disjoint endpoints in order:
-    the first fault to the first ``endpoints`` endpoints, the next to the ones after them."""
+    any response (share ``reset_rate``); with ``refuse_connections`` the endpoint refuses every
+    connection, as a replica whose process died while it is still in the service's endpoints.
+    Istio's default retry policy retries only the refused connections (on another endpoint);
+    503 responses and resets reach the client. A list of faults applies to disjoint endpoints in
+    order: the first fault to the first ``endpoints`` endpoints, the next to the ones after them."""
 
     endpoints: int = Field(default=1, ge=1, le=16)
     delay_ms: float = Field(default=0.0, ge=0, le=60000)
     service_time_factor: float = Field(default=1.0, gt=0, le=1000)
     error_rate: float = Field(default=0.0, ge=0, le=1)
     reset_rate: float = Field(default=0.0, ge=0, le=1)
+    refuse_connections: bool = False
 
     @model_validator(mode="after")
     def _rates(self) -> EndpointFault:

@@ -32,6 +32,7 @@ ENVOY_COUNTERS: dict[str, str] = {
     "upstream_rq_503": "envoy_upstream_503",
     "upstream_rq_5xx": "envoy_upstream_5xx",
     "upstream_cx_destroy_remote_with_active_rq": "envoy_upstream_resets",
+    "upstream_cx_connect_fail": "envoy_connect_failures",
     "upstream_rq_timeout": "envoy_timeouts",
     "upstream_rq_per_try_timeout": "envoy_per_try_timeouts",
     "upstream_cx_total": "envoy_upstream_cx",

@@ -509,7 +509,8 @@ def endpoint_faults(faults: Sequence[EndpointFault], endpoints: int) -> list[Fau
     out: list[Faults] = []
     for f in faults:
         out += [Faults(delay_ms=f.delay_ms, service_time_factor=f.service_time_factor,
-                       error_rate=f.error_rate, reset_rate=f.reset_rate)] * f.endpoints
+                       error_rate=f.error_rate, reset_rate=f.reset_rate,
+                       refuse_connections=f.refuse_connections)] * f.endpoints
     return out + [Faults()] * (endpoints - named)
 
 

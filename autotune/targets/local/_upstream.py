@@ -4,8 +4,8 @@ Each endpoint has a finite capacity like an app server's thread pool: ``--worker
 worked on at once, the others wait in its FIFO queue (at most ``--queue-limit``, beyond which it
 answers ``503``). A request's service time is drawn from a distribution (fixed, exponential,
 log-normal) and waited on the event loop, never burned: the upstreams do not compete with the proxy
-for CPU. Faults (extra latency, a service-time factor, a share of 503s or of reset connections)
-can be changed while it runs.
+for CPU. Faults (extra latency, a service-time factor, a share of 503s or of reset connections,
+refused connections) can be changed while it runs.
 
 Run one:
 ``python -m autotune.targets.local._upstream --port 0 --service-time-ms 5 --workers 8``
@@ -52,21 +52,48 @@ class _BadRequest(Exception):
 
 @dataclass(frozen=True)
 class Faults:
-    """How one endpoint misbehaves (all zero / 1.0: it does not): each request takes ``delay_ms``
-    more and ``service_time_factor`` times its service time, holding its worker; a share
-    ``error_rate`` is answered ``503`` at once, a share ``reset_rate`` has its connection reset."""
+    """How one endpoint misbehaves (all zero / 1.0 / False: it does not): each request takes
+    ``delay_ms`` more and ``service_time_factor`` times its service time, holding its worker; a
+    share ``error_rate`` is answered ``503`` at once, a share ``reset_rate`` has its connection
+    reset (TCP RST) after the request arrived, before any response. With ``refuse_connections``
+    the endpoint stops listening and drops its open connections, as a replica whose process
+    crashed while it is still among the service's endpoints: every connection is refused.
+
+    What a client sidecar does with each (Istio's default route retry policy, measured on the
+    local Envoy 1.40): a refused connection is a ``connect-failure`` and is retried on another
+    endpoint; a ``503`` response is not retried (no ``retriable_status_codes`` by default); a
+    reset of an established connection is not retried either, even before the endpoint read the
+    request: Envoy's ``connect-failure`` covers only connections that never opened, a reset of
+    an open one needs ``reset`` in ``retry_on``, which Istio's default does not set."""
 
     delay_ms: float = 0.0
     service_time_factor: float = 1.0
     error_rate: float = 0.0
     reset_rate: float = 0.0
+    refuse_connections: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> Faults:
-        return cls(**{k: float(v) for k, v in json.loads(text).items()})
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> Faults:
+        """From ``asdict`` output (numbers as floats, ``refuse_connections`` as a bool); an
+        unknown key raises ``TypeError``."""
+        kwargs: dict[str, object] = {}
+        for key, value in values.items():
+            if key == "refuse_connections":
+                if not isinstance(value, bool):
+                    raise TypeError(f"refuse_connections must be true or false, got {value!r}")
+                kwargs[key] = value
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                kwargs[key] = float(value)
+            else:
+                raise TypeError(f"{key} must be a number, got {value!r}")
+        return cls(**kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Faults:
@@ -113,6 +140,8 @@ class Endpoint:
                  body: bytes, seed: int | None = None) -> None:
         self.workers, self.queue_limit, self.sampler, self.body = workers, queue_limit, sampler, body
         self.faults = Faults()
+        #: Open client connections (dropped when the endpoint starts refusing connections).
+        self.connections: set[HttpProtocol] = set()
         self.busy = 0
         self.queue: deque[tuple[HttpProtocol, bool, bool]] = deque()
         self.counts = {"served": 0, "queued": 0, "overflow_503": 0, "fault_503": 0, "fault_reset": 0,
@@ -178,9 +207,11 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._endpoint.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._endpoint.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -302,35 +333,80 @@ def _chunked_end(buf: bytearray, pos: int) -> int | None:
         pos += size + 2
 
 
+class _Listener:
+    """The endpoint's listening socket on a fixed port: open, or closed while the endpoint
+    refuses connections (its open connections are then reset, as when a process dies)."""
+
+    def __init__(self, host: str, port: int, endpoint: Endpoint) -> None:
+        self.host, self.port, self._endpoint = host, port, endpoint
+        self._server: asyncio.Server | None = None
+
+    async def open(self) -> None:
+        """Listen (again) on ``host:port`` (port 0: any free port, kept from then on)."""
+        if self._server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: HttpProtocol(self._endpoint), self.host,
+                                                self.port, backlog=4096, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        """Stop listening (connections are refused from now on) and reset the open ones."""
+        if self._server is not None:
+            self._server.close()  # closes the listening socket now
+            self._server = None
+        for conn in list(self._endpoint.connections):
+            conn.reset()
+
+    async def follow(self, faults: Faults) -> None:
+        """Listen or not, as ``faults.refuse_connections`` says."""
+        if faults.refuse_connections:
+            self.close()
+        else:
+            await self.open()
+
+
 class _Control(asyncio.Protocol):
     """The parent's control channel on stdin, one JSON line per command, one line answered on
-    stdout: ``{"faults": {...}}`` sets the faults (``OK``), ``{"stats": true}`` returns the
-    endpoint's counts as JSON. EOF stops the endpoint (if ``stop_on_eof``)."""
+    stdout, in order: ``{"faults": {...}}`` sets the faults (``OK`` once in force, the listener
+    closed or open again), ``{"stats": true}`` returns the endpoint's counts as JSON. EOF stops
+    the endpoint (if ``stop_on_eof``)."""
 
-    def __init__(self, endpoint: Endpoint, stop: asyncio.Event, stop_on_eof: bool) -> None:
-        self._endpoint, self._stop, self._stop_on_eof = endpoint, stop, stop_on_eof
+    def __init__(self, endpoint: Endpoint, listener: _Listener, stop: asyncio.Event,
+                 stop_on_eof: bool) -> None:
+        self._endpoint, self._listener = endpoint, listener
+        self._stop, self._stop_on_eof = stop, stop_on_eof
         self._buf = b""
+        self._lines: asyncio.Queue[bytes] = asyncio.Queue()
+        self._worker = asyncio.get_running_loop().create_task(self._work())
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
-            _answer(self._command(line))
+            self._lines.put_nowait(line)
 
-    def _command(self, line: bytes) -> str:
+    async def _work(self) -> None:
+        while True:
+            _answer(await self._command(await self._lines.get()))
+
+    async def _command(self, line: bytes) -> str:
         try:
             cmd = json.loads(line)
             if "faults" in cmd:
-                self._endpoint.faults = Faults(**{k: float(v) for k, v in cmd["faults"].items()})
+                faults = Faults.from_dict(cmd["faults"])
+                self._endpoint.faults = faults
+                await self._listener.follow(faults)
                 return "OK"
             if "stats" in cmd:
                 return json.dumps({**self._endpoint.counts, "busy": self._endpoint.busy,
                                    "waiting": len(self._endpoint.queue)})
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, OSError) as exc:
             return f"ERROR {type(exc).__name__}: {exc}"
         return "ERROR unknown command"
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._worker.cancel()
         if self._stop_on_eof:
             self._stop.set()
 
@@ -341,21 +417,26 @@ def _answer(line: str) -> None:
 
 
 async def serve(host: str, port: int, endpoint: Endpoint, exit_on_stdin_eof: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT (or stdin EOF); prints ``PORT <n>`` once listening, then
-    answers control commands read from stdin."""
+    """Serve until SIGTERM/SIGINT (or stdin EOF); prints ``PORT <n>`` once its port is bound
+    (and listening, unless its faults refuse connections), then answers control commands read
+    from stdin."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: HttpProtocol(endpoint), host, port, backlog=4096,
-                                      reuse_address=True)
+    listener = _Listener(host, port, endpoint)
+    await listener.open()
+    await listener.follow(endpoint.faults)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await loop.connect_read_pipe(lambda: _Control(endpoint, stop, exit_on_stdin_eof), sys.stdin)
+        await loop.connect_read_pipe(lambda: _Control(endpoint, listener, stop, exit_on_stdin_eof),
+                                     sys.stdin)
     except ValueError:  # stdin is a regular file: no control channel
         logger.debug("stdin is not a pipe: no control channel")
-    _answer(f"PORT {server.sockets[0].getsockname()[1]}")
-    async with server:
+    _answer(f"PORT {listener.port}")
+    try:
         await stop.wait()
+    finally:
+        listener.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
