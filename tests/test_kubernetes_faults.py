@@ -114,7 +114,8 @@ def test_faults_become_copies_of_the_service_deployment_behind_the_same_service(
         assert "readinessProbe" not in c
         assert {e["name"]: e["value"] for e in c["env"]} == {
             "MODE": "prod", "AUTOTUNE_FAULT_DELAY_MS": "0", "AUTOTUNE_FAULT_SERVICE_TIME_FACTOR": "1",
-            "AUTOTUNE_FAULT_ERROR_RATE": "0.5", "AUTOTUNE_FAULT_RESET_RATE": "0"}
+            "AUTOTUNE_FAULT_ERROR_RATE": "0.5", "AUTOTUNE_FAULT_RESET_RATE": "0",
+            "AUTOTUNE_FAULT_REFUSE_CONNECTIONS": "false"}
         assert failing["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "autotune"
         endpoints = [p["metadata"]["name"] for p in fake.endpoints(NS, KubeEnv.SERVICE)]
         assert len(endpoints) == 2 + 2 + 1 and sum(n.startswith("web-fault-") for n in endpoints) == 3

@@ -261,3 +261,12 @@ def test_an_endpoint_started_with_the_fault_variables_misbehaves_as_a_replica_is
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def test_the_fault_variables_cover_every_fault_field() -> None:
+    """Every field of an endpoint fault reaches a replica through its environment and back."""
+    fault = EndpointFault(endpoints=1, delay_ms=30, service_time_factor=2.5, error_rate=0.25, refuse_connections=True)
+    env = {e["name"]: e["value"] for e in fault_env(fault)}
+    assert Faults.from_env(env) == Faults(delay_ms=30, service_time_factor=2.5, error_rate=0.25,
+                                          refuse_connections=True)
+    assert Faults.from_env({}) == Faults()

@@ -43,6 +43,7 @@ ENV_DELAY_MS = FAULT_ENV["delay_ms"]
 ENV_SERVICE_TIME_FACTOR = FAULT_ENV["service_time_factor"]
 ENV_ERROR_RATE = FAULT_ENV["error_rate"]
 ENV_RESET_RATE = FAULT_ENV["reset_rate"]
+ENV_REFUSE_CONNECTIONS = FAULT_ENV["refuse_connections"]
 _PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
 
 
@@ -50,11 +51,13 @@ def fault_env(fault: EndpointFault) -> list[dict[str, str]]:
     """The environment one misbehaving replica runs with: every request takes
     ``AUTOTUNE_FAULT_DELAY_MS`` more and its service time times
     ``AUTOTUNE_FAULT_SERVICE_TIME_FACTOR``; a share ``AUTOTUNE_FAULT_ERROR_RATE`` is answered
-    503 and a share ``AUTOTUNE_FAULT_RESET_RATE`` has its connection reset before any response."""
+    503 and a share ``AUTOTUNE_FAULT_RESET_RATE`` has its connection reset before any response;
+    with ``AUTOTUNE_FAULT_REFUSE_CONNECTIONS=true`` it refuses every connection."""
     return [{"name": ENV_DELAY_MS, "value": f"{fault.delay_ms:g}"},
             {"name": ENV_SERVICE_TIME_FACTOR, "value": f"{fault.service_time_factor:g}"},
             {"name": ENV_ERROR_RATE, "value": f"{fault.error_rate:g}"},
-            {"name": ENV_RESET_RATE, "value": f"{fault.reset_rate:g}"}]
+            {"name": ENV_RESET_RATE, "value": f"{fault.reset_rate:g}"},
+            {"name": ENV_REFUSE_CONNECTIONS, "value": "true" if fault.refuse_connections else "false"}]
 
 
 def fault_name(source: str, index: int) -> str:

@@ -99,14 +99,20 @@ class Faults:
     def from_env(cls, env: Mapping[str, str]) -> Faults:
         """The faults named by the ``AUTOTUNE_FAULT_*`` variables of ``env`` (:data:`FAULT_ENV`:
         what the Kubernetes target writes on a misbehaving replica); unset ones: none."""
-        return cls(**{f: float(env[name]) for f, name in FAULT_ENV.items() if env.get(name)})
+        values: dict[str, object] = {f: float(env[name]) for f, name in FAULT_ENV.items()
+                                     if f != "refuse_connections" and env.get(name)}
+        refuse = env.get(FAULT_ENV["refuse_connections"], "").strip().lower()
+        if refuse:
+            values["refuse_connections"] = refuse in ("1", "true", "yes")
+        return cls.from_dict(values)
 
 
 #: The environment contract of a misbehaving replica, one variable per :class:`Faults` field.
 FAULT_ENV = {"delay_ms": "AUTOTUNE_FAULT_DELAY_MS",
              "service_time_factor": "AUTOTUNE_FAULT_SERVICE_TIME_FACTOR",
              "error_rate": "AUTOTUNE_FAULT_ERROR_RATE",
-             "reset_rate": "AUTOTUNE_FAULT_RESET_RATE"}
+             "reset_rate": "AUTOTUNE_FAULT_RESET_RATE",
+             "refuse_connections": "AUTOTUNE_FAULT_REFUSE_CONNECTIONS"}
 
 
 class ServiceTimeSampler:
