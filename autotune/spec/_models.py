@@ -494,6 +494,11 @@ class MeasurementSpec(_Model):
     #: stops there: its remaining windows and scenarios are skipped, and the trial is recorded
     #: infeasible with the constraint values measured (``aborted_after``).
     early_abort: bool = True
+    #: Stop the search before ``study.trials`` once the feasible Pareto front has not grown beyond
+    #: the measurement noise for this many trials in a row (``autotune.study._stop``). Unset: the
+    #: command's default (off for ``study start``, ``DEFAULT_STOP_AFTER_FLAT`` for
+    #: ``study run-scheduled``); 0: off.
+    stop_after_flat: int | None = Field(default=None, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _bounds(self) -> MeasurementSpec:

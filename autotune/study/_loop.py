@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import optuna
@@ -52,6 +53,7 @@ from autotune.study._record import (
     study_objectives,
 )
 from autotune.study._sampler import make_sampler
+from autotune.study._stop import should_stop, stop_after_flat
 from autotune.study._storage import make_storage, resolve_url, retry_storage, storage_errors
 from autotune.targets import Target, make_target
 
@@ -383,8 +385,14 @@ def check_faults_supported(target: Target, spec: StudySpec) -> None:
             "apply yet; remove their faults or run them on a target that can")
 
 
+#: Called by ``run_study`` with the study, the started target and the load driver, before the
+#: first trial (a scheduled run re-checks the previous recommendation there).
+Prelude = Callable[[optuna.Study, Target, LoadDriver], None]
+
+
 def run_study(spec: StudySpec, observer: Observer | None = None,
-              target: Target | None = None, *, load: LoadDriver | None = None) -> optuna.Study:
+              target: Target | None = None, *, load: LoadDriver | None = None,
+              prelude: Prelude | None = None, stop_default: int = 0) -> optuna.Study:
     """Run (or continue) the spec's study until its trial budget is used.
 
     The run first takes the study's lease (``StudyBusy`` names the live run holding it) and
@@ -396,6 +404,9 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
     ``RETRY_S`` and then raised as one ``StorageError``. Once the budget is used, which knobs
     mattered is tested and stored (``_effects``), then the front is confirmed as minimal configs.
     ``target`` defaults to the spec's, ``load`` to Locust with the spec's locustfile.
+    ``prelude`` runs on the started target before the first trial. The search stops before the
+    budget once the front has been flat for ``measurement.stopAfterFlat`` trials
+    (``stop_default`` when the spec leaves it unset; see ``autotune.study._stop``).
     Writes no files: exports are ``autotune.export``'s job.
     """
     obs = observer or NullObserver()
@@ -417,9 +428,14 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
             enqueue_baseline(study)
         objective = _Objective(spec, tgt, driver, obs, total, lease.token, url, store)
         tgt.bind_state(StudyState(study))
+        after_flat = stop_after_flat(spec, stop_default)
         try:
             tgt.start()
+            if prelude is not None:
+                prelude(study, tgt, driver)
             while counted_trials(study) < total:
+                if should_stop(study, spec, after_flat):
+                    break
                 lease.check()
                 t = _run_trial(study, objective, url)
                 if not TrialRecord.read(t).failed_by_run:

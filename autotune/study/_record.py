@@ -12,7 +12,11 @@ Feasibility is not a user attribute: it is read from the constraints the loop se
 
 A study's record: ``objectives`` (metric names, in order), ``spec`` (the spec as JSON),
 ``confirmation`` (the last confirmation result), ``knob_effects`` (which knobs mattered, see
-``_effects``) and the target's durable state (``target.<key>``).
+``_effects``) and the target's durable state (``target.<key>``);
+a scheduled run (``autotune.study._retune``) also has ``run`` (its series, spec hash, autotune
+version, start time and previous run, see ``RunInfo``) and ``retune.recheck`` /
+``retune.warm_start`` / ``retune.stop`` / ``retune.outcome`` (JSON written and validated by the
+modules that make them, through :func:`retune_part` and :func:`set_retune_part`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ _VIOLATIONS, _STATUS, _OBSERVED, _TIMINGS = "violations", "status_counts", "obse
 _SPREAD, _WINDOWS, _DRIFT_PCT = "spread_cv", "windows", "drift_pct"
 _FAIL_REASON, _FAIL_MESSAGE, _WORKER = "fail_reason", "fail_message", "worker"
 _ABORTED = "aborted_after"
+_CARRIED = "carried_from"
 logger = logging.getLogger(__name__)
 #: The manifests stored with each trial, by file name (``virtualservice.yaml`` only when a route
 #: setting is tuned).
@@ -43,7 +48,7 @@ MANIFESTS = ("destinationrule.yaml", "deployment-patch.yaml", "virtualservice.ya
 #: Keys that are not metrics (``feasible`` was written by older versions and is ignored).
 _NOT_METRICS = frozenset({_CONFIG, _CONCURRENCY, _BASELINE, _DRIFT_CHECK, _VIOLATIONS, _STATUS,
                           _OBSERVED, _TIMINGS, _SPREAD, _WINDOWS, _DRIFT_PCT, _FAIL_REASON,
-                          _FAIL_MESSAGE, _WORKER, _ABORTED, "feasible", *MANIFESTS})
+                          _FAIL_MESSAGE, _WORKER, _ABORTED, _CARRIED, "feasible", *MANIFESTS})
 #: A failure message is cut to its last this many characters.
 MESSAGE_CHARS = 2000
 
@@ -74,6 +79,8 @@ class TrialRecord:
     fail_reason: FailReason | None = None
     fail_message: str | None = None
     worker: str | None = None
+    #: A warm-started trial: the earlier run's trial whose config it re-measures (``<study>#<n>``).
+    carried_from: str | None = None
     feasible: bool = False
 
     @property
@@ -119,6 +126,8 @@ class TrialRecord:
             attrs[_FAIL_MESSAGE] = self.fail_message[-MESSAGE_CHARS:]
         if self.worker is not None:
             attrs[_WORKER] = self.worker
+        if self.carried_from is not None:
+            attrs[_CARRIED] = self.carried_from
         return attrs
 
     @classmethod
@@ -140,7 +149,7 @@ class TrialRecord:
             drift_pct=None if drift is None else float(drift),
             aborted_after=dict(ua[_ABORTED]) if isinstance(ua.get(_ABORTED), dict) else None,
             fail_reason=_reason(reason), fail_message=ua.get(_FAIL_MESSAGE),
-            worker=ua.get(_WORKER), feasible=is_feasible(trial),
+            worker=ua.get(_WORKER), carried_from=ua.get(_CARRIED), feasible=is_feasible(trial),
         )
 
 
@@ -176,6 +185,12 @@ def enqueue_baseline(study: optuna.Study, *, drift_check: bool = False) -> None:
     if drift_check:
         attrs[_DRIFT_CHECK] = True
     study.enqueue_trial({}, user_attrs=attrs)
+
+
+def enqueue_carried(study: optuna.Study, params: Mapping[str, object], source: str) -> None:
+    """Queue a re-measurement of an earlier run's config (Optuna-named ``params``; parameters of
+    the space left out are sampled), marked as carried from ``source`` (``<study>#<trial>``)."""
+    study.enqueue_trial(dict(params), user_attrs={_CARRIED: source})
 
 
 def queued_baseline(trial: FrozenTrial) -> bool:
@@ -439,3 +454,57 @@ class StudyState:
     def set(self, key: str, value: object) -> None:
         """Store ``value`` (JSON-able) under ``key``, replacing any earlier value."""
         self.study.set_user_attr(f"{_TARGET}{key}", value)
+
+
+# -- a scheduled run's record ----------------------------------------------------------------------
+
+_RUN, _RETUNE = "run", "retune."
+#: The parts of a scheduled run's result stored on its study (``retune.<part>``).
+RETUNE_PARTS = ("recheck", "warm_start", "stop", "outcome")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A scheduled run: its ``series`` (the spec's study name), the hash of the spec's parts
+    that define the search (``spec_hash``), the autotune ``version`` that ran it, its ``started``
+    time (UTC, ISO 8601) and the ``previous`` run it continued from (``None`` for the first)."""
+
+    series: str
+    spec_hash: str
+    version: str
+    started: str
+    previous: str | None = None
+
+
+def run_info(study: _HasUserAttrs) -> RunInfo | None:
+    """The run record of a scheduled run (``None`` for a plain study). Works on a ``Study`` and
+    on a ``StudySummary``."""
+    value = study.user_attrs.get(_RUN)
+    if not isinstance(value, dict):
+        return None
+    try:
+        return RunInfo(series=str(value["series"]), spec_hash=str(value["spec_hash"]),
+                       version=str(value["version"]), started=str(value["started"]),
+                       previous=None if value.get("previous") is None else str(value["previous"]))
+    except KeyError:
+        return None
+
+
+def set_run_info(study: optuna.Study, info: RunInfo) -> None:
+    """Record ``study`` as a scheduled run."""
+    study.set_user_attr(_RUN, {"series": info.series, "spec_hash": info.spec_hash, "version": info.version,
+                               "started": info.started, "previous": info.previous})
+
+
+def retune_part(study: _HasUserAttrs, part: str) -> object | None:
+    """The stored JSON of one part of a scheduled run's result (see ``RETUNE_PARTS``)."""
+    if part not in RETUNE_PARTS:
+        raise ValueError(f"part must be one of {RETUNE_PARTS}, got {part!r}")
+    return study.user_attrs.get(f"{_RETUNE}{part}")
+
+
+def set_retune_part(study: optuna.Study, part: str, data: object) -> None:
+    """Store one part of a scheduled run's result (JSON-able ``data``), replacing any earlier."""
+    if part not in RETUNE_PARTS:
+        raise ValueError(f"part must be one of {RETUNE_PARTS}, got {part!r}")
+    study.set_user_attr(f"{_RETUNE}{part}", data)
