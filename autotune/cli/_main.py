@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from rich.markup import escape
 
 from autotune.cli._console import RichObserver, console, metrics_table, print_table, quiet_optuna, setup_logging
 from autotune.errors import AutotuneError
@@ -108,25 +109,73 @@ def study_start(spec_path: Path, **opts: Any) -> None:
     console.print(f"results: {results_dir(spec)}/ (trials.csv, pareto.csv, manifests)")
 
 
+@study.command("run-scheduled")
+@click.argument("spec_path", type=click.Path(dir_okay=False, path_type=Path))
+@_spec_options
+def study_run_scheduled(spec_path: Path, **opts: Any) -> None:
+    """One scheduled run of the series SPEC_PATH names (what the CronJob runs): a new study
+    <name>-<UTC time> that re-checks the previous recommendation, warm-starts from the previous
+    run, stops when the front is flat and says what changed. Exit code: 0 recommendation
+    unchanged, 3 changed, 4 no feasible config (1 error, 130 interrupted)."""
+    spec = _overrides(load_spec(spec_path), **opts)
+    from autotune.export import export_study, results_dir
+    from autotune.study import redact, run_scheduled
+
+    quiet_optuna()
+    console.print(f"scheduled run of [bold]{spec.study.name}[/] · storage {redact(spec.study.storage)} · "
+                  f"budget {spec.study.trials} trials")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with RichObserver([o.metric for o in spec.objectives]) as observer:
+            result = run_scheduled(spec, observer)
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted.[/] The target is back at its baseline; the next run starts "
+                      "a new study from the last run with a measured trial.")
+        sys.exit(130)
+    _print_pareto(result.study)
+    out = results_dir(spec.with_overrides(**{"study.name": result.study.study_name}))
+    export_study(result.study, out)
+    console.print(f"results: {out}/ (report.md, outcome.json, recommended/, trials.csv, pareto.csv)")
+    for line in result.outcome.lines():  # the job's last log lines
+        console.print(escape(line), highlight=False)
+    sys.exit(result.outcome.verdict.exit_code)
+
+
 @study.command("list")
 @storage_option
 def study_list(storage: str) -> None:
-    """List the studies in the storage."""
+    """List the studies in the storage: plain studies, and each series' scheduled runs in order
+    with their outcome."""
     import optuna
 
-    from autotune.study import make_storage, redact, resolve_url, storage_errors, study_objectives
+    from autotune.study import (
+        make_storage,
+        redact,
+        resolve_url,
+        run_info,
+        run_verdict,
+        storage_errors,
+        study_objectives,
+    )
 
     quiet_optuna()
     with storage_errors(resolve_url(storage), "read"):
         summaries = optuna.get_all_study_summaries(make_storage(storage, create=False))
     from rich.table import Table
 
+    def order(s: optuna.study.StudySummary) -> tuple[str, int, str]:
+        info = run_info(s)  # a series' runs after its plain study, by start time
+        return (info.series, 1, info.started) if info else (s.study_name, 0, "")
+
     table = Table(title=f"studies in {redact(storage)}")
-    for col in ("study", "trials", "objectives", "started"):
+    for col in ("study", "series", "trials", "objectives", "started", "outcome"):
         table.add_column(col)
-    for s in summaries:
-        table.add_row(s.study_name, str(s.n_trials), ", ".join(study_objectives(s) or []),
-                      str(s.datetime_start or "-"))
+    for s in sorted(summaries, key=order):
+        info = run_info(s)
+        verdict = run_verdict(s)
+        table.add_row(s.study_name, info.series if info else "-", str(s.n_trials),
+                      ", ".join(study_objectives(s) or []), str(s.datetime_start or "-"),
+                      verdict.value if verdict else "-")
     console.print(table)
 
 

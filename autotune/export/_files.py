@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.errors import ExportError
 from autotune.export._effects import minimal_manifests
 from autotune.export._report import write_report
+from autotune.export._retune import retune_section, write_outcome
 from autotune.mesh import PARAMETERS, format_cpu
 from autotune.spec import StudySpec
 from autotune.study import (
@@ -183,7 +184,8 @@ class Exported:
 def export_study(study: optuna.Study, out_dir: Path) -> Exported:
     """Write ``trials.csv``, ``pareto.csv``, ``pareto.html`` and, for each Pareto trial,
     ``trial-<n>/{destinationrule,deployment-patch}.yaml`` (and ``virtualservice.yaml`` when a
-    route setting is tuned) under ``out_dir``. Overwrites. The manifests are the trial's minimal
+    route setting is tuned) under ``out_dir``; for a scheduled run also ``outcome.json`` and the
+    recommendation's manifests in ``recommended/``. Overwrites. The manifests are the trial's minimal
     config: the knobs with no detected effect (the study's stored verdicts) are left out, so
     Istio's defaults apply to them; without verdicts, the config as searched.
     A folder or file that cannot be written raises ``ExportError`` naming it."""
@@ -215,5 +217,6 @@ def _export(study: optuna.Study, out_dir: Path) -> Exported:
     # report.md, report.html, pareto.html; the report is also the study's note in the dashboard.
     write_report(study, out_dir, trials_frame(study), pareto_frame(study), front_with_baseline(study),
                  objectives=study_objectives(study) or [], spec=spec,
-                 confirmation=confirmation_of(study), effects=effects)
+                 confirmation=confirmation_of(study), effects=effects, extra=retune_section(study))
+    write_outcome(study, out_dir)  # a scheduled run's outcome.json and recommended/ manifests
     return Exported(out_dir, trials_csv, pareto_csv, dirs)

@@ -228,11 +228,12 @@ def report_markdown(study_name: str, objectives: Sequence[str], directions: Sequ
                     trials: pd.DataFrame, front: pd.DataFrame, table_frame: pd.DataFrame,
                     confirmation: Confirmation | None, out_dir: Path, deployment: str,
                     namespace: str, effects: KnobEffects | None = None,
-                    scenarios: Sequence[str] = ()) -> str:
+                    scenarios: Sequence[str] = (), extra: Sequence[str] = ()) -> str:
     """The whole report as Markdown. ``front`` is ``pareto_frame`` (what ``pareto.csv`` holds),
     ``table_frame`` the front with the baseline row (``front_with_baseline``), ``effects`` the
     study's knob verdicts, ``scenarios`` the study's scenario names (with two or more, a table per
-    scenario follows the Pareto table)."""
+    scenario follows the Pareto table); ``extra`` lines (a scheduled run's "What changed") come
+    right after the summary."""
     done = _measured(trials)
     n_base = int(done["baseline"].astype(bool).sum()) if not done.empty else 0
     n_feasible = int(done["feasible"].astype(bool).sum()) if not done.empty else 0
@@ -241,7 +242,7 @@ def report_markdown(study_name: str, objectives: Sequence[str], directions: Sequ
     lines = [f"# Study {study_name}", "",
              f"Objectives: {goal}. {len(done)} measured trials ({n_base} of the baseline), "
              f"{n_feasible} feasible, {len(done) - n_feasible} infeasible, {n_failed} failed.", "",
-             "## Pareto front against the baseline", ""]
+             *extra, "## Pareto front against the baseline", ""]
     if table_frame.empty:
         lines += ["No feasible config yet: every measured config broke a constraint or failed.", ""]
     else:
@@ -298,7 +299,8 @@ def _workload(spec: Mapping[str, object]) -> tuple[str, str]:
 
 def write_report(study: optuna.Study, out_dir: Path, trials: pd.DataFrame, front: pd.DataFrame,
                  table_frame: pd.DataFrame, *, objectives: Sequence[str], spec: Mapping[str, object],
-                 confirmation: Confirmation | None, effects: KnobEffects | None = None) -> tuple[Path, Path]:
+                 confirmation: Confirmation | None, effects: KnobEffects | None = None,
+                 extra: Sequence[str] = ()) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``pareto.html`` under ``out_dir`` and save the report
     as the study's note with the Pareto chart. ``trials``/``front``/``table_frame`` are
     ``trials_frame``/``pareto_frame``/``front_with_baseline`` of the study. Overwrites."""
@@ -308,7 +310,7 @@ def write_report(study: optuna.Study, out_dir: Path, trials: pd.DataFrame, front
     raw = spec.get("scenarios")
     scenarios = [str(s["name"]) for s in raw if isinstance(s, dict) and "name" in s] if isinstance(raw, list) else []
     md = report_markdown(study.study_name, objectives, directions, trials, front, table_frame,
-                         confirmation, out_dir, deployment, namespace, effects, scenarios)
+                         confirmation, out_dir, deployment, namespace, effects, scenarios, extra)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(report_html(md, figure, f"Study {study.study_name}"), encoding="utf-8")

@@ -62,7 +62,7 @@ from autotune.study._record import (
     study_objectives,
     study_spec,
 )
-from autotune.study._retune import Moved, Outcome, RunResult, Verdict, run_outcome_of, run_scheduled
+from autotune.study._retune import Moved, Outcome, RunResult, Verdict, run_outcome_of, run_scheduled, run_verdict
 from autotune.study._runs import RunSummary, runs_of, spec_hash
 from autotune.study._sampler import make_sampler
 from autotune.study._stats import Change, aggregate, cv, paired_change
@@ -142,6 +142,7 @@ __all__ = [
     "run_scheduled",
     "run_single",
     "run_study",
+    "run_verdict",
     "runs_of",
     "spec_hash",
     "stop_record",

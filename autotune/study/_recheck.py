@@ -10,7 +10,8 @@ recommendation *holds* when it is confirmed again (feasible in every round, an o
 beyond its interval) and no objective *moved*: its interval now overlaps the one the previous run
 measured (its confirmation, or its own re-check when it carried the recommendation over). The
 baseline's own values are compared with the previous run's (Welch interval of the difference of
-the means, in % of the previous mean), so a slower service shows even when every config slowed alike.
+the means, in % of the previous mean; *moved* when the interval excludes 0 and the change exceeds
+``measurement.driftThreshold``), so a slower service shows even when every config slowed alike.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class RecheckedConfig(pydantic.BaseModel):
 
 class BaselineMove(pydantic.BaseModel):
     """The baseline's value of one objective, previous run vs now (means over their rounds) and
-    the change with its Welch interval; ``moved`` when the interval excludes 0."""
+    the change with its Welch interval; ``moved`` when the interval excludes 0 and the change is
+    beyond ``measurement.driftThreshold``."""
 
     metric: str
     before: float
@@ -291,12 +293,14 @@ def recheck(study: optuna.Study, spec: StudySpec, target: Target, previous: optu
     moves = []
     if previous is not None and entries:
         before = _before_baseline(previous, spec)
+        threshold = 100 * spec.measurement.drift_threshold
         for m in metrics:
             now = [v for v in baseline[m] if v is not None and math.isfinite(v)]
             if before.get(m) and now:
                 change = welch_change(before[m], now, spec.measurement.confidence)
+                beyond = change.low_pct > 0 or change.high_pct < 0
                 moves.append(BaselineMove(metric=m, before=float(np.mean(before[m])), now=float(np.mean(now)),
-                                          change=change, moved=change.low_pct > 0 or change.high_pct < 0))
+                                          change=change, moved=beyond and abs(change.mean_pct) > threshold))
     result = Recheck(previous=previous.study_name if previous is not None else None, rounds=rounds if entries else 0,
                      confidence=spec.measurement.confidence, applied_is_baseline=applied is None,
                      baseline=baseline, configs=entries, baseline_moves=moves)

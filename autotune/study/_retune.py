@@ -120,6 +120,14 @@ def run_outcome_of(study: optuna.Study) -> Outcome | None:
         return None
 
 
+def run_verdict(study: optuna.Study | optuna.study.StudySummary) -> Verdict | None:
+    """The verdict a scheduled run stored (``None`` before its end, or for a plain study); works
+    on a ``StudySummary`` (``autotune study list``)."""
+    raw = retune_part(study, "outcome")
+    verdict = raw.get("verdict") if isinstance(raw, dict) else None
+    return Verdict(verdict) if verdict in set(Verdict) else None
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What ``run_scheduled`` returns: the run's study (export it like any study), its outcome,

@@ -7,17 +7,19 @@ noise autotune already measures:
   value ``v`` becomes ``v / b``, a maximized one ``b / v``; the hypervolume is taken against the
   reference point ``REF_FACTOR`` × the baseline on every objective (as ``bench/search_efficiency.py``
   does for the recorded landscape), so a config worse than twice the baseline adds nothing;
-- a trial *grows* the front only if it still adds hypervolume after each of its normalized
-  objectives is made worse by that objective's measurement noise (relative): a gain the noise alone
-  could explain does not count;
+- the front has *not grown beyond the noise* since trial j when the hypervolume after trial j
+  already reaches the hypervolume of today's front with every point made worse by its noise (each
+  normalized objective times 1 + its relative noise): what was found since, the noise alone could
+  explain;
 - the noise of an objective is the relative spread (sample standard deviation over mean) of the
   baseline's repeated measurements: its first measurement and drift re-measurements in this study,
   plus the re-check rounds and the previous run's confirmation rounds when a scheduled run stored
   them (``retune.stop``); without two such values, the median over the trials of the spread of
   their windows (``spread_cv``) divided by the square root of the windows; never below
   ``MIN_NOISE``;
-- the run stops once ``measurement.stopAfterFlat`` trials in a row (counted trials: completed, or
-  failed for a reason of the config) did not grow the front.
+- the run stops once ``measurement.stopAfterFlat`` trials (counted trials: completed, or failed
+  for a reason of the config; not the warm start's re-measurements of earlier configs, nor while
+  some are still queued) came after that point.
 """
 
 from __future__ import annotations
@@ -165,8 +167,10 @@ def _normalized(values: Sequence[float], scales: Sequence[float], maximize: Sequ
 
 
 def progress(study: optuna.Study, spec: StudySpec) -> FrontProgress:
-    """How many counted trials in a row, up to the latest, did not grow the feasible front
-    beyond the noise (see the module docstring)."""
+    """How many counted trials, up to the latest, the hypervolume has not grown beyond the noise
+    for: the trials (not warm-start re-measurements, see ``_warm``) since the earliest point at
+    which the hypervolume already reached that of today's front with every point made worse by
+    its noise (see the module docstring)."""
     trials = [t for t in study.get_trials(deepcopy=False) if _counted(t)]
     maximize = [o.direction == "maximize" for o in spec.objectives]
     scales = _normalizer(study, spec, trials)
@@ -174,19 +178,15 @@ def progress(study: optuna.Study, spec: StudySpec) -> FrontProgress:
     factors = [1.0 + rel[o.metric] for o in spec.objectives]
     ref = [REF_FACTOR] * len(spec.objectives)
     front: list[list[float]] = []
-    flat = 0
-    hv = 0.0
+    curve = []  # the hypervolume after each counted trial
     for t in trials:
         if t.state == TrialState.COMPLETE and t.values is not None and is_feasible(t):
-            point = _normalized(t.values, scales, maximize)
-            penalized = [x * f for x, f in zip(point, factors, strict=True)]
-            grows = hypervolume([*front, penalized], ref) > hv + 1e-12
-            front.append(point)
-            hv = hypervolume(front, ref)
-            if grows:
-                flat = 0
-                continue
-        flat += 1
+            front.append(_normalized(t.values, scales, maximize))
+        curve.append(hypervolume(front, ref))
+    hv = curve[-1] if curve else 0.0
+    floor = hypervolume([[x * f for x, f in zip(p, factors, strict=True)] for p in front], ref)
+    reached = next((i for i, v in enumerate(curve) if v > 0 and v >= floor - 1e-12), len(curve))
+    flat = sum(1 for t in trials[reached + 1:] if TrialRecord.read(t).carried_from is None)
     return FrontProgress(flat=flat, counted=len(trials), noise=rel, hypervolume=hv)
 
 
@@ -199,7 +199,7 @@ def stop_after_flat(spec: StudySpec, default: int = 0) -> int:
 def should_stop(study: optuna.Study, spec: StudySpec, after_flat: int) -> bool:
     """Whether the search is done: ``after_flat`` > 0 and the front has been flat that long.
     Records the state (``retune.stop``) and logs the decision when it stops."""
-    if after_flat <= 0:
+    if after_flat <= 0 or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return False
     state = progress(study, spec)
     if state.flat < after_flat:
