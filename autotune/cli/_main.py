@@ -169,7 +169,7 @@ def study_list(storage: str) -> None:
 
     table = Table(title=f"studies in {redact(storage)}")
     for col in ("study", "series", "trials", "objectives", "started", "outcome"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("study", "outcome"))  # a run's name stays whole
     for s in sorted(summaries, key=order):
         info = run_info(s)
         verdict = run_verdict(s)
