@@ -141,7 +141,8 @@ def test_spec_matches_the_manifests() -> None:
     (container,) = pod["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert container["args"] == ["study", "start", f"{mounts['spec']}/spec.yaml"]
+    assert container["args"] == ["study", "run-scheduled", f"{mounts['spec']}/spec.yaml"]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"  # what changed, on exit 3/4
     assert volumes["spec"]["configMap"]["name"] == "autotune-spec"
     assert target.prometheus.token_file == f"{mounts['prometheus-token']}/token"
     assert volumes["prometheus-token"]["secret"]["secretName"] == "autotune-prometheus-token"
