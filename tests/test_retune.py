@@ -290,3 +290,22 @@ def test_hypervolume_of_a_known_front() -> None:
     assert hypervolume([[0.5, 1.5], [1.0, 0.5], [1.5, 1.5]], [2.0, 2.0]) == pytest.approx(1.75)  # dominated
     assert hypervolume([[3.0, 0.1]], [2.0, 2.0]) == 0.0  # beyond the reference point
     assert hypervolume([[1.0, 1.0, 1.0]], [2.0, 2.0, 2.0]) == pytest.approx(1.0)
+
+
+def test_an_interrupted_run_is_not_the_previous_one(tmp_path: Path) -> None:
+    """A run stopped by Ctrl-C (the target restored) stores no outcome; the next run re-checks the
+    last finished run's recommendation, not the interrupted run's half-searched front."""
+    spec = small_spec(tmp_path, **SERIES)
+    service = Service(4.0)
+    first = Scheduled(service)(spec)
+    land = Landscape.synthetic(service.point, interrupt_on_run=8)
+    with pytest.raises(KeyboardInterrupt):
+        run_scheduled(spec, None, ReplayTarget(land), load=ReplayDriver(land),
+                      now=lambda: DAY0 + timedelta(days=1))
+    interrupted = _runs(spec)[1]
+    assert run_outcome_of(_load(spec, interrupted)) is None
+    scheduled = Scheduled(service)
+    scheduled.day = 2
+    third = scheduled(spec)
+    assert third.recheck.previous == first.study.study_name and third.outcome.previous == first.study.study_name
+    assert third.outcome.verdict == Verdict.UNCHANGED

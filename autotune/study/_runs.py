@@ -21,7 +21,7 @@ from importlib import metadata
 import optuna
 
 from autotune.spec import StudySpec
-from autotune.study._record import RunInfo, run_info, study_spec
+from autotune.study._record import RunInfo, retune_part, run_info, study_spec
 
 logger = logging.getLogger(__name__)
 #: The spec sections the hash covers (camelCase, as the spec is stored on a study).
@@ -58,6 +58,8 @@ class RunSummary:
     info: RunInfo | None
     trials: int
     started: datetime | None
+    #: A run that stored its outcome (a plain study: never).
+    finished: bool = False
 
 
 def runs_of(storage: optuna.storages.BaseStorage, series: str) -> list[RunSummary]:
@@ -67,7 +69,8 @@ def runs_of(storage: optuna.storages.BaseStorage, series: str) -> list[RunSummar
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         info = run_info(s)
         if (info is not None and info.series == series) or (info is None and s.study_name == series):
-            out.append(RunSummary(s.study_name, info, s.n_trials, s.datetime_start))
+            out.append(RunSummary(s.study_name, info, s.n_trials, s.datetime_start,
+                                  finished=retune_part(s, "outcome") is not None))
     return sorted(out, key=_order)
 
 
@@ -78,10 +81,12 @@ def _order(run: RunSummary) -> tuple[int, str]:
 
 def previous_run(storage: optuna.storages.BaseStorage, series: str, *,
                  exclude: str | None = None) -> optuna.Study | None:
-    """The latest study of ``series`` with a completed trial (other than ``exclude``), loaded."""
-    for run in reversed(runs_of(storage, series)):
-        if run.name == exclude or run.trials == 0:
-            continue
+    """The latest run of ``series`` that finished (stored its outcome), else — for a series with
+    no finished run — its latest study with a completed trial (a plain study of the series' name,
+    or a run that was interrupted); ``exclude`` is never chosen. Loaded."""
+    runs = [r for r in runs_of(storage, series) if r.name != exclude and r.trials > 0]
+    finished = [r for r in runs if r.finished]
+    for run in reversed(finished or runs):
         study = optuna.load_study(study_name=run.name, storage=storage)
         if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             return study
