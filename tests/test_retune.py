@@ -309,3 +309,25 @@ def test_an_interrupted_run_is_not_the_previous_one(tmp_path: Path) -> None:
     third = scheduled(spec)
     assert third.recheck.previous == first.study.study_name and third.outcome.previous == first.study.study_name
     assert third.outcome.verdict == Verdict.UNCHANGED
+
+
+def test_the_applied_config_is_read_back_as_the_smallest_config() -> None:
+    from autotune.study._recheck import applied_config
+
+    assert applied_config(Observed.expected(MeshConfig())) is None
+    assert applied_config(Observed.expected(MeshConfig(cpu_limit=2.0, concurrency=2))) is None  # Istio's default
+    assert applied_config(Observed.expected(MeshConfig(cpu_limit=0.5))) == MeshConfig(cpu_limit=0.5)
+    assert applied_config(Observed.expected(MeshConfig(cpu_limit=0.5, concurrency=3, max_connections=7))) == \
+        MeshConfig(cpu_limit=0.5, concurrency=3, max_connections=7)
+    limitless = Observed(pool=MeshConfig(), concurrency=4, cpu_limit=None)  # read back from a pod with no limit
+    assert applied_config(limitless) == MeshConfig(no_cpu_limit=True, concurrency=4)
+
+
+def test_the_baseline_change_interval() -> None:
+    from autotune.study._recheck import welch_change
+
+    same = welch_change([10.0, 10.2, 9.8], [10.1, 9.9, 10.0], 0.9)
+    assert same.low_pct < 0 < same.high_pct
+    slower = welch_change([10.0, 10.2, 9.8], [20.0, 20.4, 19.6], 0.9)
+    assert slower.mean_pct == pytest.approx(100.0) and slower.low_pct > 90
+    assert welch_change([10.0], [20.0, 21.0], 0.9).low_pct == -float("inf")  # one value: no interval

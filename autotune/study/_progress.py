@@ -31,7 +31,8 @@ class Observer(Protocol):
     def study_started(self, name: str, done: int, total: int) -> None: ...
     def trial_started(self, number: int, index: int, total: int, config: MeshConfig,
                       baseline: bool, stage: str = "trial") -> None:
-        """``stage`` is ``"trial"`` during the search and ``"confirm"`` during confirmation."""
+        """``stage`` is ``"trial"`` during the search, ``"confirm"`` during confirmation and
+        ``"recheck"`` during a scheduled run's re-check (``number`` is then -1)."""
     def phase(self, name: str, fraction: float) -> None: ...
     def trial_finished(self, outcome: TrialOutcome, front: list[TrialOutcome]) -> None:
         """``front``: the feasible Pareto configs so far, sorted by the first objective."""
