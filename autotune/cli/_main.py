@@ -130,7 +130,7 @@ def study_run_scheduled(spec_path: Path, **opts: Any) -> None:
             result = run_scheduled(spec, observer)
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/] The target is back at its baseline; the next run starts "
-                      "a new study from the last run with a measured trial.")
+                      "a new study and re-checks the last finished run's recommendation.")
         sys.exit(130)
     _print_pareto(result.study)
     out = results_dir(spec.with_overrides(**{"study.name": result.study.study_name}))

@@ -392,7 +392,7 @@ Prelude = Callable[[optuna.Study, Target, LoadDriver], None]
 
 def run_study(spec: StudySpec, observer: Observer | None = None,
               target: Target | None = None, *, load: LoadDriver | None = None,
-              prelude: Prelude | None = None, stop_default: int = 0) -> optuna.Study:
+              prelude: Prelude | None = None) -> optuna.Study:
     """Run (or continue) the spec's study until its trial budget is used.
 
     The run first takes the study's lease (``StudyBusy`` names the live run holding it) and
@@ -405,8 +405,8 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
     mattered is tested and stored (``_effects``), then the front is confirmed as minimal configs.
     ``target`` defaults to the spec's, ``load`` to Locust with the spec's locustfile.
     ``prelude`` runs on the started target before the first trial. The search stops before the
-    budget once the front has been flat for ``measurement.stopAfterFlat`` trials
-    (``stop_default`` when the spec leaves it unset; see ``autotune.study._stop``).
+    budget once the front has been flat for ``measurement.stopAfterFlat`` trials (unset: never;
+    see ``autotune.study._stop``).
     Writes no files: exports are ``autotune.export``'s job.
     """
     obs = observer or NullObserver()
@@ -428,7 +428,7 @@ def run_study(spec: StudySpec, observer: Observer | None = None,
             enqueue_baseline(study)
         objective = _Objective(spec, tgt, driver, obs, total, lease.token, url, store)
         tgt.bind_state(StudyState(study))
-        after_flat = stop_after_flat(spec, stop_default)
+        after_flat = stop_after_flat(spec)
         try:
             tgt.start()
             if prelude is not None:

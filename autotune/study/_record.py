@@ -6,7 +6,8 @@ column: ``config`` (the Istio-named values; ``{}`` for the baseline), ``envoy_co
 one key per metric (``None`` when not finite), ``violations``, ``status_counts``, ``observed``,
 ``timings``, ``spread_cv``, ``windows``, ``drift_pct``, ``aborted_after`` (where an early abort
 stopped the trial: scenario, window, what was skipped, ``saved_s``), ``fail_reason``,
-``fail_message`` and ``worker`` (the lease token of the run that measured it, see ``_lease``).
+``fail_message``, ``worker`` (the lease token of the run that measured it, see ``_lease``) and
+``carried_from`` (a scheduled run's warm start: the earlier trial it re-measures, see ``_warm``).
 Feasibility is not a user attribute: it is read from the constraints the loop sets with
 ``Trial.set_constraint`` (Optuna stores them as system attributes, ``FrozenTrial.constraints``).
 
