@@ -331,3 +331,18 @@ def test_the_baseline_change_interval() -> None:
     slower = welch_change([10.0, 10.2, 9.8], [20.0, 20.4, 19.6], 0.9)
     assert slower.mean_pct == pytest.approx(100.0) and slower.low_pct > 90
     assert welch_change([10.0], [20.0, 21.0], 0.9).low_pct == -float("inf")  # one value: no interval
+
+
+def test_a_new_config_replaces_a_holding_one_only_when_materially_better(tmp_path: Path) -> None:
+    from autotune.study._recheck import Interval
+    from autotune.study._retune import _beats
+
+    spec = small_spec(tmp_path, **SERIES)  # cpu_used_cores, latency_p95_ms; driftThreshold 10 %
+
+    def ci(mean: float, half: float = 0.0) -> Interval:
+        return Interval(mean_pct=mean, low_pct=mean - half, high_pct=mean + half)
+
+    old = {"cpu_used_cores": ci(-80.0), "latency_p95_ms": ci(5.0, 10.0)}
+    assert _beats(spec, {"cpu_used_cores": ci(-90.0), "latency_p95_ms": ci(6.0, 10.0)}, old) == ["cpu_used_cores"]
+    assert _beats(spec, {"cpu_used_cores": ci(-81.0), "latency_p95_ms": ci(5.0, 10.0)}, old) == []  # 5 %: noise-level
+    assert _beats(spec, {"cpu_used_cores": ci(-90.0), "latency_p95_ms": ci(40.0, 5.0)}, old) == []  # slower

@@ -10,7 +10,8 @@ search with the flat-front stop (``_stop``; ``measurement.stopAfterFlat``, defau
   the intervals: it stays the recommendation;
 - ``changed`` — there was none (the series' first run), it no longer holds (infeasible in a
   re-check round, no gain beyond its interval any more, or an objective moved), or a new
-  confirmed config beats it on an objective beyond the intervals and is no worse on any other: the
+  confirmed config beats it on an objective beyond the intervals, by more than
+  ``measurement.driftThreshold`` of its value, and is no worse beyond them on any other: the
   run's own recommendation (the confirmed Pareto config with the best first objective, else the
   Pareto config with the best first objective; Istio's defaults when only the baseline is on the
   front) replaces it;
@@ -170,16 +171,20 @@ def _new_changes(study: optuna.Study, rec: Recommendation | None) -> dict[str, I
 
 
 def _beats(spec: StudySpec, new: dict[str, Interval], old: dict[str, Interval]) -> list[str]:
-    """The objectives on which ``new`` is better than ``old`` beyond both intervals, provided it is
-    not worse beyond them on any objective (``[]`` otherwise)."""
+    """The objectives on which ``new`` is better than ``old`` beyond both intervals and by more
+    than ``measurement.driftThreshold`` of ``old``'s value, provided it is not worse beyond the
+    intervals on any objective (``[]`` otherwise). Changes are in % of the same baseline."""
     better, worse = [], []
     for o in spec.objectives:
         a, b = new.get(o.metric), old.get(o.metric)
         if a is None or b is None:
             continue
-        if (a.high_pct < b.low_pct) if o.direction == "minimize" else (a.low_pct > b.high_pct):
+        lower, higher = a.high_pct < b.low_pct, a.low_pct > b.high_pct
+        ratio = (100 + a.mean_pct) / (100 + b.mean_pct) - 1 if b.mean_pct > -100 else 0.0
+        material = abs(ratio) > spec.measurement.drift_threshold
+        if (lower if o.direction == "minimize" else higher) and material:
             better.append(o.metric)
-        elif (a.low_pct > b.high_pct) if o.direction == "minimize" else (a.high_pct < b.low_pct):
+        elif higher if o.direction == "minimize" else lower:
             worse.append(o.metric)
     return [] if worse else better
 
