@@ -346,3 +346,17 @@ def test_a_new_config_replaces_a_holding_one_only_when_materially_better(tmp_pat
     assert _beats(spec, {"cpu_used_cores": ci(-90.0), "latency_p95_ms": ci(6.0, 10.0)}, old) == ["cpu_used_cores"]
     assert _beats(spec, {"cpu_used_cores": ci(-81.0), "latency_p95_ms": ci(5.0, 10.0)}, old) == []  # 5 %: noise-level
     assert _beats(spec, {"cpu_used_cores": ci(-90.0), "latency_p95_ms": ci(40.0, 5.0)}, old) == []  # slower
+
+
+def test_istios_defaults_stay_the_recommendation_until_something_beats_them(tmp_path: Path) -> None:
+    """A service too slow for every capped pool of the space: the first run recommends Istio's
+    defaults (changed, from nothing); the next run, same service, says unchanged (no alert every
+    night)."""
+    spec = small_spec(tmp_path, **{**SERIES, "parameters": {
+        **SPACE, "connectionPool.tcp.maxConnections": {"low": 2, "high": 3}}})
+    scheduled = Scheduled(Service(16.0))
+    first, second = scheduled(spec), scheduled(spec)
+    assert first.outcome.verdict == Verdict.CHANGED and first.outcome.recommendation is not None
+    assert first.outcome.recommendation.params == {}
+    assert second.outcome.verdict == Verdict.UNCHANGED and second.outcome.recommendation is not None
+    assert second.outcome.recommendation.params == {} and "Istio's defaults" in second.outcome.lines()[0]

@@ -18,6 +18,9 @@ search with the flat-front stop (``_stop``; ``measurement.stopAfterFlat``, defau
 - ``none-feasible`` — no config of this run was feasible and the previous recommendation does not
   hold: there is nothing to recommend.
 
+When the previous run recommended Istio's defaults (only the baseline was feasible), they stay the
+recommendation (``unchanged``) until a config of a run is confirmed better than them.
+
 The outcome (with what moved, per objective, with intervals, and the recommendation's manifests)
 is stored on the run (``retune.outcome``) for its report; ``Verdict.exit_code`` is the CLI's.
 """
@@ -189,8 +192,11 @@ def _beats(spec: StudySpec, new: dict[str, Interval], old: dict[str, Interval]) 
     return [] if worse else better
 
 
-def decide(study: optuna.Study, spec: StudySpec, checked: Recheck) -> Outcome:
-    """The run's outcome from its re-check and its own front (see the module docstring)."""
+def decide(study: optuna.Study, spec: StudySpec, checked: Recheck,
+           previous_defaults: Recommendation | None = None) -> Outcome:
+    """The run's outcome from its re-check and its own front (see the module docstring).
+    ``previous_defaults``: the previous run recommended Istio's defaults (nothing to re-check
+    then: they are the baseline)."""
     prev_entry = checked.recommendation()
     previous = None if prev_entry is None else Recommendation(params=prev_entry.params, source=prev_entry.source,
                                                              confirmed=bool(prev_entry.holds))
@@ -206,7 +212,19 @@ def decide(study: optuna.Study, spec: StudySpec, checked: Recheck) -> Outcome:
             moved.append(Moved(what="previous recommendation", metric=metric, before=before, now=now,
                                text=f"previous recommendation {metric_label(metric)} vs baseline: was "
                                     f"{before.text()}, now {now.text()}"))
-    if prev_entry is None:
+    if prev_entry is None and previous_defaults is not None:
+        previous = previous_defaults
+        if new is None:
+            verdict, rec = Verdict.NONE_FEASIBLE, None
+        elif new.params and new.confirmed:
+            verdict, rec = Verdict.CHANGED, new
+            reasons.append(f"{new.source} is confirmed better than Istio's defaults, which the previous run "
+                           "recommended")
+        else:
+            verdict, rec = Verdict.UNCHANGED, previous
+            reasons.append("Istio's defaults, which the previous run recommended, remain the recommendation: "
+                           "no config of this run was confirmed better")
+    elif prev_entry is None:
         verdict, rec = (Verdict.CHANGED, new) if new is not None else (Verdict.NONE_FEASIBLE, None)
         reasons.append("the first run of the series" if checked.previous is None
                        else f"the previous run {checked.previous} recommended nothing to re-check")
@@ -295,7 +313,10 @@ def run_scheduled(spec: StudySpec, observer: Observer | None = None, target: Tar
     tgt = target or make_target(run_spec)
     study = run_study(run_spec, obs, tgt, load=load or default_driver(run_spec), prelude=prelude)
     result = checked[0] if checked else (recheck_of(study) or _empty(run_spec, previous))
-    outcome = decide(study, run_spec, result)
+    before = run_outcome_of(previous) if previous is not None else None
+    defaults = before.recommendation if before is not None and before.recommendation is not None \
+        and not before.recommendation.params else None
+    outcome = decide(study, run_spec, result, defaults)
     set_retune_part(study, "outcome", outcome.model_dump(mode="json"))
     for line in outcome.lines():
         logger.info("%s", line)
