@@ -4,7 +4,9 @@ Public pieces: ``run_study`` / ``run_single`` (the loop), ``measure_config`` (on
 ``confirm_front`` (interleaved re-measurement of the front), which knobs mattered
 (``knob_effects``, ``minimal_config``), the front and baseline queries, the
 trial record (``TrialRecord``, the only code that knows how a trial is stored), the statistics,
-the objectives and constraints, samplers and storage, and the ``Observer`` protocol.
+the objectives and constraints, samplers and storage, and the ``Observer`` protocol; the
+scheduled job's ``run_scheduled`` (a series of runs, each re-checking the previous recommendation,
+warm-started, stopped when its front is flat, with an ``Outcome`` and its ``Verdict``).
 """
 
 from __future__ import annotations
