@@ -29,6 +29,7 @@ from autotune.load import LoadDriver
 from autotune.mesh import DEFAULT_CPU_LIMIT, PARAMETERS, MeshConfig, ParamValue
 from autotune.spec import StudySpec
 from autotune.study._confirm import _decide, _measure
+from autotune.study._effects import minimal_config
 from autotune.study._front import pareto_trials
 from autotune.study._objectives import lookup
 from autotune.study._progress import NullObserver, Observer
@@ -36,6 +37,7 @@ from autotune.study._record import (
     ObjectiveChange,
     TrialRecord,
     confirmation_of,
+    knob_effects_of,
     retune_part,
     set_retune_part,
 )
@@ -185,8 +187,9 @@ def previous_recommendations(previous: optuna.Study, spec: StudySpec) -> list[Re
     front = [t.number for t in pareto_trials(previous) if not TrialRecord.read(t).baseline]
     if outcome is None and not confirmed and front:
         confirmed = front[:1]  # an unconfirmed recommendation is still what the run recommended
-    for n in confirmed:
-        params = TrialRecord.read(by_number[n]).config.to_params()
+    effects = knob_effects_of(previous)
+    for n in confirmed:  # as confirmed: the minimal config
+        params = minimal_config(TrialRecord.read(by_number[n]).config, effects)[0].to_params()
         if not any(_same(MeshConfig.from_params(params), r.config) for r in out):
             out.append(Recommendation(params=params, source=f"{previous.study_name}#{n}",
                                       confirmed=confirmation is not None and n in confirmation.results
@@ -199,8 +202,10 @@ def _before(previous: optuna.Study, config: MeshConfig) -> dict[str, Interval]:
     confirmation = confirmation_of(previous)
     if confirmation is not None:
         by_number = {t.number: t for t in previous.get_trials(deepcopy=False)}
+        effects = knob_effects_of(previous)
         for n, result in confirmation.results.items():
-            if n in by_number and _same(TrialRecord.read(by_number[n]).config, config) and result.changes:
+            if n in by_number and result.changes and _same(
+                    minimal_config(TrialRecord.read(by_number[n]).config, effects)[0], config):
                 return {m: Interval.of(c) for m, c in result.changes.items()}
     earlier = recheck_of(previous)
     for c in earlier.configs if earlier else []:

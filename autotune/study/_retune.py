@@ -39,6 +39,7 @@ import pydantic
 from autotune.load import LoadDriver
 from autotune.mesh import MeshConfig, deployment_patch, destination_rule, to_yaml, virtual_service
 from autotune.spec import StudySpec
+from autotune.study._effects import minimal_config
 from autotune.study._front import pareto_trials
 from autotune.study._loop import open_study, run_study
 from autotune.study._measure import default_driver
@@ -50,6 +51,7 @@ from autotune.study._record import (
     TrialRecord,
     confirmation_of,
     enqueue_baseline,
+    knob_effects_of,
     retune_part,
     set_retune_part,
     set_run_info,
@@ -146,8 +148,9 @@ class RunResult:
 
 def _this_run(study: optuna.Study, spec: StudySpec) -> Recommendation | None:
     """This run's recommendation (as the report's: the first confirmed Pareto config, else the
-    Pareto config with the best first objective; ``{}`` when only the baseline is on the front);
-    ``None`` when no config was feasible."""
+    Pareto config with the best first objective; ``{}`` when only the baseline is on the front)
+    as its minimal config (knobs with no detected effect at Istio's default, as confirmed and
+    exported); ``None`` when no config was feasible."""
     front = pareto_trials(study)
     if not front:
         return None
@@ -159,7 +162,8 @@ def _this_run(study: optuna.Study, spec: StudySpec) -> Recommendation | None:
     if not picks:
         return Recommendation(params={}, source=f"{study.study_name}#{front[0].number}", confirmed=False)
     pick = picks[0]
-    return Recommendation(params=TrialRecord.read(pick).config.to_params(), source=f"{study.study_name}#{pick.number}",
+    config = minimal_config(TrialRecord.read(pick).config, knob_effects_of(study))[0]  # what was confirmed
+    return Recommendation(params=config.to_params(), source=f"{study.study_name}#{pick.number}",
                           confirmed=bool(confirmed))
 
 
