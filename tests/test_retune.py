@@ -360,3 +360,20 @@ def test_istios_defaults_stay_the_recommendation_until_something_beats_them(tmp_
     assert first.outcome.recommendation.params == {}
     assert second.outcome.verdict == Verdict.UNCHANGED and second.outcome.recommendation is not None
     assert second.outcome.recommendation.params == {} and "Istio's defaults" in second.outcome.lines()[0]
+
+
+class _Broken(Service):
+    """Every config, Istio's default included, loses half its requests."""
+
+    def point(self, config: MeshConfig) -> Point:
+        return Point(3.0, 5.0, 6.0, cpu_cores=0.1, error_rate=0.5)
+
+
+def test_nothing_feasible_exits_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(study_api, "run_scheduled", Scheduled(_Broken(4.0)))
+    code, output = _run(CliRunner(), write_spec(tmp_path, **SERIES))
+    assert code == Verdict.NONE_FEASIBLE.exit_code == 4, output
+    assert "no feasible config: nothing to recommend" in output
+    (name,) = _runs(small_spec(tmp_path, **SERIES))
+    assert not (tmp_path / "out" / name / "recommended").exists()
+    assert "**No feasible config** (exit code 4)" in (tmp_path / "out" / name / "report.md").read_text()
