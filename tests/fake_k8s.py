@@ -33,7 +33,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -181,6 +181,8 @@ class FakeCluster:
         #: a steady rate, plus ``proxy_cpu_per_request`` CPU-seconds per request the backend
         #: serves (shared by the pods running then), plus the bursts of ``add_proxy_cpu``.
         self.proxy_cpu_cores = 0.05
+        #: When set, a pod's istio-proxy rate instead of ``proxy_cpu_cores`` (from the pod as created).
+        self.proxy_cpu_of: Callable[[dict[str, Any]], float] | None = None
         self.proxy_cpu_per_request = 0.0
         self.proxy_throttled_ratio = 0.1
         self._pod_seen: dict[str, float] = {}
@@ -432,7 +434,8 @@ class FakeCluster:
                 age = now - seen
                 extra = self._proxy_extra.get(meta["name"], 0.0) + sum(
                     s for t, s in self._bursts if seen <= t <= now)
-                for container, cores in (("istio-proxy", self.proxy_cpu_cores), (meta["name"].split("-")[0], 0.5)):
+                proxy = self.proxy_cpu_of(pod) if self.proxy_cpu_of is not None else self.proxy_cpu_cores
+                for container, cores in (("istio-proxy", proxy), (meta["name"].split("-")[0], 0.5)):
                     labels = f'namespace="{meta["namespace"]}",pod="{meta["name"]}",container="{container}"'
                     used = cores * age + (extra if container == "istio-proxy" else 0.0)
                     lines.append(f"container_cpu_usage_seconds_total{{{labels}}} {used:.6f}")

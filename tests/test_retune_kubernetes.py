@@ -19,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from autotune.cli import main
-from autotune.mesh import MeshConfig, SidecarResources, sidecar_annotations, traffic_policy
+from autotune.mesh import MeshConfig, SidecarResources, parse_cpu, sidecar_annotations, traffic_policy
 from autotune.study import Verdict, recheck_of, run_outcome_of
 from fake_k8s import KubeEnv, kube_env
 
@@ -52,6 +52,22 @@ def _state(env: KubeEnv) -> tuple[dict[str, str], Any]:
     return env.cluster.annotations(NS, DEP), (env.cluster.dr(NS, DR) or {}).get("spec")
 
 
+def _proxy_cpu(pod: dict[str, Any]) -> float:
+    """A sidecar that uses more CPU the higher its limit (more headroom, more workers busy)."""
+    for c in pod["spec"]["containers"]:
+        if c["name"] == "istio-proxy":
+            return 0.02 + 0.05 * parse_cpu(c["resources"]["limits"]["cpu"])
+    return 0.05
+
+
+@pytest.fixture
+def cpu_follows_the_limit(kube: KubeEnv) -> Iterator[None]:
+    kube.cluster.proxy_cpu_of = _proxy_cpu
+    yield
+    kube.cluster.proxy_cpu_of = None
+
+
+@pytest.mark.usefixtures("cpu_follows_the_limit")
 def test_two_runs_of_the_cronjob_spec_recheck_what_is_applied(kube: KubeEnv, tmp_path: Path) -> None:
     kube.seed()
     path, data = _shipped_spec(kube, tmp_path)

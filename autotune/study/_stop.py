@@ -11,12 +11,13 @@ noise autotune already measures:
   already reaches the hypervolume of today's front with every point made worse by its noise (each
   normalized objective times 1 + its relative noise): what was found since, the noise alone could
   explain;
-- the noise of an objective is the relative spread (sample standard deviation over mean) of the
-  baseline's repeated measurements: its first measurement and drift re-measurements in this study,
-  plus the re-check rounds and the previous run's confirmation rounds when a scheduled run stored
-  them (``retune.stop``); without two such values, the median over the trials of the spread of
-  their windows (``spread_cv``) divided by the square root of the windows; never below
-  ``MIN_NOISE``;
+- the noise of an objective is the pooled relative spread (standard deviation over mean) of the
+  configs measured more than once: the baseline (its first measurement, drift re-measurements,
+  and a scheduled run's re-check rounds, ``retune.stop``) and any config the search measured
+  again (trials stopped by an early abort left out); without a repeated config, the median over
+  the trials of two or more windows of their windows' spread (``spread_cv``) over the square root
+  of the windows; without either, ``DEFAULT_NOISE``; ``MIN_NOISE`` for an objective the config
+  fixes (``DETERMINISTIC``: the CPU limit or request) and as a floor;
 - the run stops once ``measurement.stopAfterFlat`` trials (counted trials: completed, or failed
   for a reason of the config; not the warm start's re-measurements of earlier configs, nor while
   some are still queued) came after that point.
@@ -34,6 +35,7 @@ import optuna
 import pydantic
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
 from autotune.study._objectives import lookup
 from autotune.study._record import TrialRecord, is_feasible, retune_part, set_retune_part
@@ -46,6 +48,11 @@ REF_FACTOR = 2.0
 #: The least relative noise assumed for an objective (a deterministic one, e.g. the CPU limit,
 #: would otherwise count a 1m step as growth).
 MIN_NOISE = 0.01
+#: The noise assumed for a measured objective before any estimate exists (no config measured
+#: twice, one window per trial): about a p95's spread between measurements on a shared machine.
+DEFAULT_NOISE = 0.05
+#: Objectives fixed by the config (not measured): their noise is ``MIN_NOISE``.
+DETERMINISTIC = frozenset({"cpu_limit_cores", "cpu_requested_cores", "cpu_reserved_cores"})
 
 
 def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:
@@ -119,27 +126,46 @@ def noise(study: optuna.Study, spec: StudySpec) -> dict[str, float]:
     stored = _stored(study).baseline_values
     out: dict[str, float] = {}
     for o in spec.objectives:
-        base = [lookup(TrialRecord.read(t).metrics, o.metric, first) for t in trials
-                if TrialRecord.read(t).baseline]
-        values = np.array([v for v in [*base, *stored.get(o.metric, [])] if math.isfinite(v)], dtype=float)
-        if values.size >= 2 and values.mean() != 0:
-            spread = float(values.std(ddof=1) / abs(values.mean()))
-        else:
+        if o.metric.rpartition(".")[2] in DETERMINISTIC:
+            out[o.metric] = MIN_NOISE
+            continue
+        groups: dict[MeshConfig, list[float]] = {}
+        for t in trials:
+            rec = TrialRecord.read(t)
+            if rec.aborted_after is None:
+                groups.setdefault(MeshConfig() if rec.baseline else rec.config, []).append(
+                    lookup(rec.metrics, o.metric, first))
+        groups.setdefault(MeshConfig(), []).extend(stored.get(o.metric, []))
+        spread = _pooled_cv(list(groups.values()))
+        if spread is None:
             spread = _window_noise(trials, o.metric, first)
-        out[o.metric] = max(MIN_NOISE, spread)
+        out[o.metric] = max(MIN_NOISE, DEFAULT_NOISE if spread is None else spread)
     return out
 
 
-def _window_noise(trials: Sequence[FrozenTrial], metric: str, first: str) -> float:
-    """The median over trials of their windows' spread of ``metric`` over √windows (0 if none)."""
+def _pooled_cv(groups: Sequence[Sequence[float]]) -> float | None:
+    """The pooled relative spread of repeated measurements (each group one config); ``None``
+    without a config measured twice."""
+    num = den = 0.0
+    for values in groups:
+        arr = np.array([v for v in values if math.isfinite(v)], dtype=float)
+        if arr.size >= 2 and arr.mean() != 0:
+            num += float(((arr / abs(arr.mean()) - np.sign(arr.mean())) ** 2).sum())
+            den += arr.size - 1
+    return math.sqrt(num / den) if den else None
+
+
+def _window_noise(trials: Sequence[FrozenTrial], metric: str, first: str) -> float | None:
+    """The median over trials of two or more windows of their windows' spread of ``metric``
+    over √windows (``None`` without such a trial)."""
     names = (metric, f"{first}.{metric}")  # spread_cv names the first scenario's both ways
     per_trial = []
     for t in trials:
         rec = TrialRecord.read(t)
         cv = next((rec.spread_cv[n] for n in names if n in rec.spread_cv), None)
-        if cv is not None and math.isfinite(cv):
-            per_trial.append(cv / math.sqrt(max(1, len(rec.windows))))
-    return float(np.median(per_trial)) if per_trial else 0.0
+        if cv is not None and math.isfinite(cv) and len(rec.windows) >= 2:
+            per_trial.append(cv / math.sqrt(len(rec.windows)))
+    return float(np.median(per_trial)) if per_trial else None
 
 
 def _normalizer(study: optuna.Study, spec: StudySpec, trials: Sequence[FrozenTrial]) -> list[float]:
