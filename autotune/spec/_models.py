@@ -186,11 +186,16 @@ def _objective(value: Any) -> Any:
 
 
 class Constraints(_Model):
-    """A trial is feasible only if every rule holds; fast 503s must never look good."""
+    """A trial is feasible only if every rule holds; fast 503s must never look good.
+
+    ``max_throttled_ratio`` (off unless given): the largest share of the proxy's CFS periods
+    (100 ms each) in which its CPU quota ran out, in the measurement's worst window. A config
+    throttled in more periods sits at the throttling knee, where its latency changes from one
+    proxy start to the next (bench/RESULTS.md, "Restart-to-restart variance at the knee")."""
 
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     min_throughput_ratio: float = Field(default=0.95, ge=0, le=1)
-
+    max_throttled_ratio: float | None = Field(default=None, ge=0, le=1)
 
 
 class ConstraintOverride(_Model):
@@ -198,13 +203,15 @@ class ConstraintOverride(_Model):
 
     max_error_rate: float | None = Field(default=None, ge=0, le=1)
     min_throughput_ratio: float | None = Field(default=None, ge=0, le=1)
+    max_throttled_ratio: float | None = Field(default=None, ge=0, le=1)
 
     def over(self, common: Constraints) -> Constraints:
         """These rules where given, ``common`` for the rest."""
         return common.model_copy(update=self.model_dump(exclude_none=True))
 
 
-_RULE_KEYS = frozenset({"maxErrorRate", "max_error_rate", "minThroughputRatio", "min_throughput_ratio"})
+_RULE_KEYS = frozenset({"maxErrorRate", "max_error_rate", "minThroughputRatio", "min_throughput_ratio",
+                        "maxThrottledRatio", "max_throttled_ratio"})
 
 
 class ConstraintSpec(Constraints):

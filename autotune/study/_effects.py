@@ -66,7 +66,7 @@ from scipy import stats
 
 from autotune.mesh import PARAMETERS, MeshConfig
 from autotune.spec import StudySpec
-from autotune.study._objectives import RULES, lookup, split
+from autotune.study._objectives import lookup, rules_of, split
 from autotune.study._record import (
     KnobEffects,
     KnobTest,
@@ -93,13 +93,14 @@ _IntArray = np.ndarray[tuple[int, ...], np.dtype[np.int64]]
 
 def effect_metrics(spec: StudySpec) -> list[str]:
     """The family of metrics each knob is tested on, as ``<scenario>.<metric>``: the objectives,
-    then each scenario's constraint metrics (``error_rate``, ``throughput_ratio``)."""
+    then each scenario's constraint metrics (``error_rate``, ``throughput_ratio``, and
+    ``cpu_throttled_ratio`` where ``maxThrottledRatio`` is set)."""
     first = spec.scenario_list()[0].name
     out: list[str] = []
     for o in spec.objectives:
         scenario, name = split(o.metric)
         out.append(f"{scenario or first}.{name}")
-    out += [f"{s.name}.{rule}" for s in spec.scenario_list() for rule in RULES]
+    out += [f"{s.name}.{rule}" for s in spec.scenario_list() for rule in rules_of(s)]
     return list(dict.fromkeys(out))
 
 

@@ -3,7 +3,8 @@
 Metric names: each scenario's metrics are ``<scenario>.<metric>``; an unprefixed name means the
 first scenario (a spec without scenarios has one, ``steady``, and its metrics keep the names they
 always had). Constraints: one per (scenario, rule), named ``error_rate`` / ``throughput_ratio``
-for the first scenario and ``<scenario>.error_rate`` … for the others.
+for the first scenario and ``<scenario>.error_rate`` … for the others, plus
+``[<scenario>.]cpu_throttled_ratio`` for each scenario whose rules set ``maxThrottledRatio``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ METRIC_NAMES: dict[str, str] = {
 }
 #: The rules every scenario is held to, by constraint name.
 RULES = ("error_rate", "throughput_ratio")
+#: The optional rule (``maxThrottledRatio``), by constraint name: the metric it bounds.
+THROTTLE_RULE = "cpu_throttled_ratio"
 #: The first scenario's constraint names (a spec without scenarios has only these).
 CONSTRAINT_NAMES = RULES
 
@@ -106,17 +109,27 @@ def constraint_name(index: int, scenario: str, rule: str) -> str:
     return rule if index == 0 else f"{scenario}.{rule}"
 
 
+def rules_of(scenario: Scenario) -> tuple[str, ...]:
+    """The constraint rules ``scenario`` is held to: ``RULES``, and ``THROTTLE_RULE`` when its
+    ``maxThrottledRatio`` is set. The same for every trial of a spec (Optuna needs that)."""
+    return (*RULES, THROTTLE_RULE) if scenario.constraints.max_throttled_ratio is not None else RULES
+
+
 def constraint_values(scenarios: Sequence[Scenario], metrics: Mapping[str, float]) -> list[tuple[str, float]]:
     """One ``(name, value)`` per (scenario, rule), Optuna's convention: feasible when every value
     is <= 0. A scenario that was not measured (skipped by an early abort) gets 0.0 for each rule:
-    neither kept nor broken (the scenario that aborted already makes the trial infeasible)."""
+    neither kept nor broken (the scenario that aborted already makes the trial infeasible); so
+    does a target that reports no throttling figure."""
     out = []
     for i, s in enumerate(scenarios):
+        rules = s.constraints
         errors = lookup(metrics, f"{s.name}.error_rate", scenarios[0].name)
         ratio = lookup(metrics, f"{s.name}.throughput_ratio", scenarios[0].name)
-        values = (errors - s.constraints.max_error_rate, s.constraints.min_throughput_ratio - ratio)
+        values = [errors - rules.max_error_rate, rules.min_throughput_ratio - ratio]
+        if rules.max_throttled_ratio is not None:
+            values.append(lookup(metrics, f"{s.name}.{THROTTLE_RULE}", scenarios[0].name) - rules.max_throttled_ratio)
         out += [(constraint_name(i, s.name, rule), v if math.isfinite(v) else 0.0)
-                for rule, v in zip(RULES, values, strict=True)]
+                for rule, v in zip(rules_of(s), values, strict=True)]
     return out
 
 
@@ -124,20 +137,24 @@ def violations(scenarios: Sequence[Scenario] | Constraints, metrics: Mapping[str
     """Human-readable reasons a measurement is infeasible (empty when feasible), each naming its
     scenario when there are several. ``Constraints`` alone: one scenario, unprefixed metrics."""
     if isinstance(scenarios, Constraints):
-        return _broken("", scenarios, float(metrics["error_rate"]), float(metrics["throughput_ratio"]))
+        return _broken("", scenarios, float(metrics["error_rate"]), float(metrics["throughput_ratio"]),
+                       float(metrics.get(THROTTLE_RULE, math.nan)))
     out = []
     for s in scenarios:
         where = f"{s.name}: " if len(scenarios) > 1 else ""
         errors = lookup(metrics, f"{s.name}.error_rate", scenarios[0].name)
         ratio = lookup(metrics, f"{s.name}.throughput_ratio", scenarios[0].name)
-        out += _broken(where, s.constraints, errors, ratio)
+        throttled = lookup(metrics, f"{s.name}.{THROTTLE_RULE}", scenarios[0].name)
+        out += _broken(where, s.constraints, errors, ratio, throttled)
     return out
 
 
-def _broken(where: str, rules: Constraints, errors: float, ratio: float) -> list[str]:
+def _broken(where: str, rules: Constraints, errors: float, ratio: float, throttled: float) -> list[str]:
     out = []
     if errors > rules.max_error_rate:
         out.append(f"{where}error rate {errors:.1%} > {rules.max_error_rate:.1%}")
     if ratio < rules.min_throughput_ratio:
         out.append(f"{where}throughput {ratio:.0%} of offered < {rules.min_throughput_ratio:.0%}")
+    if rules.max_throttled_ratio is not None and throttled > rules.max_throttled_ratio:
+        out.append(f"{where}CPU throttled in {throttled:.0%} of periods > {rules.max_throttled_ratio:.0%}")
     return out

@@ -28,8 +28,8 @@ def aggregate(windows: Sequence[Mapping[str, float]]) -> tuple[dict[str, float],
 
     Medians, except: ``requests``, ``failures``, ``window_s`` and the proxy's ``envoy_*`` event
     counters are summed, ``error_rate`` is failures over requests of all windows, and
-    ``throughput_ratio`` is the worst window's, so a config that fell short of the offered load
-    once counts against the throughput constraint.
+    ``throughput_ratio`` and ``cpu_throttled_ratio`` are the worst window's, so a config that fell
+    short of the offered load, or ran out of CPU quota, once counts against its constraint.
     """
     if not windows:
         raise ValueError("no windows to aggregate")
@@ -43,6 +43,8 @@ def aggregate(windows: Sequence[Mapping[str, float]]) -> tuple[dict[str, float],
             out[key] = float(sum(values))
         elif key == "throughput_ratio":
             out[key] = min(values)
+        elif key == "cpu_throttled_ratio":
+            out[key] = max(values)
         else:
             out[key] = float(np.median(finite)) if finite else math.nan
         spread[key] = cv(values)

@@ -40,6 +40,8 @@ from autotune.targets import Observed, ProxyUsage, Target
 #: Where each failure of a :class:`Point` is raised, like a real target or load would.
 APPLY_FAILURES = frozenset({FailReason.REJECTED, FailReason.API, FailReason.API_TIMEOUT})
 READY_FAILURES = frozenset({FailReason.PROXY_START, FailReason.NOT_READY, FailReason.ROLLOUT_FAILED})
+#: The CPU quota's period, as a cgroup's cpu.max and the kubelet set it.
+_CFS_PERIOD_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class Point:
     custom locustfile). ``slo_ms`` and ``slo_share``: the share of successful requests answered
     within ``slo_ms``, so ``LoadResult.goodput_slo_rps(slo_ms)`` gives it back (without
     ``slo_ms`` the goodput within an SLO is interpolated from the percentiles). ``spread``: the
-    window-to-window noise of the other figures."""
+    window-to-window noise of the other figures. ``throttled_ratio``: the share of the window's
+    100 ms CPU-quota periods throttled."""
 
     latency_p50_ms: float
     latency_p95_ms: float
@@ -83,6 +86,7 @@ class Point:
     slo_ms: float | None = None
     slo_share: float = 1.0
     spread: Spread = Spread()
+    throttled_ratio: float = 0.0
 
 
 #: A landscape's truth: the point of ``config`` on its ``visit``-th application (0-based), so a
@@ -96,6 +100,7 @@ ConditionFn = Callable[[MeshConfig, Point, LoadSpec, tuple[EndpointFault, ...]],
 class _Window:
     load: LoadResult
     cpu_cores: float
+    throttled_ratio: float = 0.0
 
 
 class Landscape:
@@ -191,7 +196,7 @@ class Landscape:
                 latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99, status_counts=counts,
                 latency_p50_corrected_ms=c50, latency_p95_corrected_ms=c95, latency_p99_corrected_ms=c99,
                 ok_latencies_ms=_within_slo(requests - failures, share, point.slo_ms, p50),
-            ), point.cpu_cores * noise.factor(point.spread.cpu_cores)))
+            ), point.cpu_cores * noise.factor(point.spread.cpu_cores), point.throttled_ratio))
         return out
 
 
@@ -326,9 +331,13 @@ class ReplayTarget(Target):
         land = self.landscape
         if land.current().fail == FailReason.METRICS:
             raise TrialFailed(FailReason.METRICS, "replayed: no metrics for the window")
-        if land.window is not None:
-            return ProxyUsage(cpu_cores=land.window.cpu_cores, window_s=land.window.load.window_s)
-        return ProxyUsage(cpu_cores=land.current().cpu_cores, window_s=elapsed)
+        window = land.window
+        cores, ratio, window_s = ((window.cpu_cores, window.throttled_ratio, window.load.window_s)
+                                  if window is not None else
+                                  (land.current().cpu_cores, land.current().throttled_ratio, elapsed))
+        periods = max(1, round(window_s / _CFS_PERIOD_S))
+        return ProxyUsage(cpu_cores=cores, window_s=window_s, periods=periods,
+                          throttled_periods=round(periods * ratio), throttled_s=0.0)
 
     supports_service_faults = True
 
