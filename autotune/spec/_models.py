@@ -191,7 +191,7 @@ class Constraints(_Model):
     ``max_throttled_ratio`` (off unless given): the largest share of the proxy's CFS periods
     (100 ms each) in which its CPU quota ran out, in the measurement's worst window. A config
     throttled in more periods sits at the throttling knee, where its latency changes from one
-    proxy start to the next (bench/RESULTS.md, "Restart-to-restart variance at the knee")."""
+    proxy start to the next (bench/RESULTS.md, "Measurement noise")."""
 
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     min_throughput_ratio: float = Field(default=0.95, ge=0, le=1)
