@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -85,25 +86,45 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=4.0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--raw", type=Path, help="also write every window's metrics here (JSON)")
+    parser.add_argument("--from-raw", type=Path, help="measure nothing: tabulate a --raw file of an earlier run")
     args = parser.parse_args()
     spec = short_spec(args.spec, args.warmup, args.window)
     configs = {f"{limit * 1000:.0f}m, {MeshConfig(cpu_limit=limit).effective_concurrency} worker(s)":
                MeshConfig(cpu_limit=limit) for limit in (float(x) for x in args.limits.split(","))}
+    if args.from_raw:
+        raw = json.loads(args.from_raw.read_text())
+        starts, wall, measured = raw["starts"], raw["wall_s"], raw["command"]
+        configs = {name: MeshConfig(cpu_limit=limit) for name, limit in raw["limits"].items()}
+    else:
+        starts, wall = measure(spec, configs, args.starts, args.windows)
+        measured = "python " + " ".join(["bench/noise.py", *sys.argv[1:]])
+        if args.raw:
+            args.raw.write_text(json.dumps({"starts": starts, "wall_s": wall, "command": measured,
+                                            "limits": {n: c.effective_cpu_limit for n, c in configs.items()}}))
+    report(spec, args, configs, starts, wall, measured)
+
+
+def measure(spec: StudySpec, configs: dict[str, MeshConfig], rounds: int,
+            windows: int) -> tuple[dict[str, list[list[dict[str, float]]]], float]:
+    """Each config's per-window metrics per start, and the seconds it took."""
     starts: dict[str, list[list[dict[str, float]]]] = {name: [] for name in configs}
     t0 = time.monotonic()
     with LocalTarget(spec.target, spec.service) as target:  # type: ignore[arg-type]
-        for i in range(args.starts):
+        for i in range(rounds):
             order = list(configs.items()) if i % 2 == 0 else list(configs.items())[::-1]
             for name, config in order:
-                m = measure_config(target, spec, config, repeats=args.windows, early_abort=False)
+                m = measure_config(target, spec, config, repeats=windows, early_abort=False)
                 starts[name].append(m.windows)
-                print(f"start {i + 1}/{args.starts} {name:22s} p95 per window "
+                print(f"start {i + 1}/{rounds} {name:22s} p95 per window "
                       + " ".join(f"{w['latency_p95_ms']:6.2f}" for w in m.windows)
                       + "  throttled " + " ".join(f"{w['cpu_throttled_ratio']:.2f}" for w in m.windows)
                       + f"  CPU {m.metrics['cpu_cores']:.3f}", flush=True)
-    wall = time.monotonic() - t0
-    if args.raw:
-        args.raw.write_text(json.dumps(starts))
+    return starts, time.monotonic() - t0
+
+
+def report(spec: StudySpec, args: argparse.Namespace, configs: dict[str, MeshConfig],
+           starts: dict[str, list[list[dict[str, float]]]], wall: float, measured: str) -> None:
+    """Print the table and, unless ``--no-write``, write it to RESULTS.md."""
     unthrottled = max(configs, key=lambda n: configs[n].effective_cpu_limit)
     slow_above = 1.5 * float(np.median([np.median([w["latency_p95_ms"] for w in s]) for s in starts[unthrottled]]))
     table = pd.DataFrame([summarize(name, runs, slow_above) for name, runs in starts.items()]).to_markdown(index=False)
@@ -112,9 +133,11 @@ def main() -> None:
     if args.no_write:
         return
     load = spec.load
+    rounds = len(next(iter(starts.values())))
     write_section("Measurement noise", f"""
+Measured by `{measured}`.
 Load: {load.users} users × {load.per_user_rate:g} rps (the demo spec's), warm-up {args.warmup:g} s, then
-{args.windows} windows of {args.window:g} s per start; {args.starts} starts per config, each a new Envoy
+{args.windows} windows of {args.window:g} s per start; {rounds} starts per config, each a new Envoy
 (configs applied in turn, order reversed every other round), {wall / 60:.1f} min of load. Istio's
 defaults but the CPU limit; workers = ceil(limit) as pilot-agent sets them. *1 window*: each start's
 first window alone (a study without noise control); *median*: each start's median of its windows (the
