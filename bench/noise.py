@@ -134,9 +134,9 @@ def report(spec: StudySpec, args: argparse.Namespace, configs: dict[str, MeshCon
         return
     load = spec.load
     rounds = len(next(iter(starts.values())))
+    source = f"Measured by `{measured}`.\n" if args.from_raw else ""
     write_section("Measurement noise", f"""
-Measured by `{measured}`.
-Load: {load.users} users × {load.per_user_rate:g} rps (the demo spec's), warm-up {args.warmup:g} s, then
+{source}Load: {load.users} users × {load.per_user_rate:g} rps (the demo spec's), warm-up {args.warmup:g} s, then
 {args.windows} windows of {args.window:g} s per start; {rounds} starts per config, each a new Envoy
 (configs applied in turn, order reversed every other round), {wall / 60:.1f} min of load. Istio's
 defaults but the CPU limit; workers = ceil(limit) as pilot-agent sets them. *1 window*: each start's
