@@ -10,10 +10,15 @@ from autotune.errors import AutotuneError
 def make_sampler(name: str, seed: int | None, n_startup_trials: int = 5) -> optuna.samplers.BaseSampler:
     """A sampler by name. Constraints reach the constraint-aware ones (TPE, NSGA-II, GP) through
     ``Trial.set_constraint`` (Optuna 5), so no ``constraints_func`` is passed.
-    ``gp`` needs torch (``pip install 'autotune[gp]'``)."""
+    ``gp`` needs torch (``pip install 'autotune[gp]'``).
+
+    TPE is multivariate with ``group=True``: the Istio-default baseline trials carry no parameters,
+    which empties Optuna's intersection search space, and a plain multivariate TPE then samples
+    every knob independently; the group-decomposed space ignores them. NSGA-II and GP have no such
+    option and still see an empty space (they sample independently: like random search)."""
     if name == "tpe":
         return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, n_startup_trials=n_startup_trials
+            seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials
         )
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, n_startup_trials))
