@@ -210,6 +210,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=5.0, help="seconds per window (every scenario)")
     parser.add_argument("--windows", type=int, default=2, help="windows per scenario")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per scenario")
+    parser.add_argument("--no-profiles", action="store_true", help="leave out the two hand-tuned profiles")
+    parser.add_argument("--title", default="Scenarios: the default, hand-tuned profiles and the study's configs",
+                        help="the RESULTS.md section to (re)write")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     spec = load_spec(args.spec)
@@ -217,7 +220,8 @@ def main() -> None:
                   "warmup": args.warmup} for s in spec.scenarios]
     spec = spec.with_overrides(scenarios=scenarios)
     candidates = [Candidate(DEFAULT, MeshConfig())]
-    candidates += [Candidate(k, MeshConfig.from_params(dict(v))) for k, v in PROFILES.items()]
+    if not args.no_profiles:
+        candidates += [Candidate(k, MeshConfig.from_params(dict(v))) for k, v in PROFILES.items()]
     if not args.no_study:
         candidates += study_configs(args.study or spec.study.name, args.storage or spec.study.storage)
     candidates += [parse_set(s) for s in args.sets]
@@ -233,7 +237,7 @@ def main() -> None:
     print(checks)
     if not args.no_write:
         configs = "\n".join(f"- {c.label}: {c.config.describe()}" for c in candidates)
-        write_section("Scenarios: the default, hand-tuned profiles and the study's configs", f"""
+        write_section(args.title, f"""
 Spec {args.spec}; every scenario {args.warmup:g} s warm-up + {args.windows} × {args.window:g} s windows,
 {args.rounds} interleaved rounds (rotated order), early abort off. Cells: median over rounds (ratio
 to Istio's default [90 % bootstrap interval over rounds]). Latency is the corrected p95/p99 of
