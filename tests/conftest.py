@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,13 @@ import pytest
 
 #: Command-line fragments of every process autotune starts.
 _OURS = ("envoy", "locust", "autotune.targets.local._upstream")
+
+# A suite started with SIGINT ignored (a background job of a non-interactive shell: `cmd &`)
+# would leave Python without its KeyboardInterrupt handler, here and in every child it starts,
+# and the Ctrl-C tests would fail because of how the suite was started. Install Python's
+# default handler: children get the default disposition back (a handler, unlike SIG_IGN, does
+# not survive exec).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _our_children() -> list[str]:
