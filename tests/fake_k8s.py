@@ -1082,6 +1082,19 @@ class _BackendServer(_QuietServer):
     request_queue_size = 128  # a burst of concurrent clients is answered (503s included), not refused
 
 
+class DictStore:
+    """The study's durable state, in memory."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+
 @dataclass
 class KubeEnv:
     """A fake cluster, the service's stand-in (``backend_url``, a tiny HTTP server on 127.0.0.1),

@@ -33,22 +33,11 @@ from autotune.targets.kubernetes import KubernetesTarget
 from autotune.targets.kubernetes._faults import ENV_ERROR_RATE, FAULT_LABEL
 from autotune.targets.kubernetes._snapshot import STATE_KEY
 from autotune.testing.conformance import burst
-from fake_k8s import FakeCluster, KubeEnv, kube_env
+from fake_k8s import DictStore, FakeCluster, KubeEnv, kube_env
 
 NS, DEP = KubeEnv.NAMESPACE, KubeEnv.DEPLOYMENT
 ROOT = Path(__file__).resolve().parent.parent
 FAILING = {"name": "failing", "faults": [{"endpoints": 1, "errorRate": 1}], "windows": 1}
-
-
-class DictStore:
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-
-    def get(self, key: str) -> Any:
-        return self.data.get(key)
-
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
 
 
 @pytest.fixture(scope="module")

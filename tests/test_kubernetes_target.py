@@ -23,25 +23,12 @@ from autotune.study import run_single, run_study
 from autotune.targets import make_target
 from autotune.targets.kubernetes import KubernetesTarget
 from autotune.targets.kubernetes._snapshot import STATE_KEY
-from fake_k8s import FakeCluster, KubeEnv, _pod_invalid, kube_env
+from fake_k8s import DictStore, FakeCluster, KubeEnv, _pod_invalid, kube_env
 
 NS, DEP, DR = KubeEnv.NAMESPACE, KubeEnv.DEPLOYMENT, KubeEnv.DR
 HOLD = "holdApplicationUntilProxyStarts: true\n"
 DR_PATH = f"/apis/networking.istio.io/v1/namespaces/{NS}/destinationrules"
 DEP_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/{DEP}"
-
-
-class DictStore:
-    """The study's durable state, in memory."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-
-    def get(self, key: str) -> Any:
-        return self.data.get(key)
-
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
 
 
 @pytest.fixture(scope="module")
