@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,50 @@ def test_istios_defaults_stay_the_recommendation_until_something_beats_them(tmp_
     assert first.outcome.recommendation.params == {}
     assert second.outcome.verdict == Verdict.UNCHANGED and second.outcome.recommendation is not None
     assert second.outcome.recommendation.params == {} and "Istio's defaults" in second.outcome.lines()[0]
+
+
+class _ProxyCost(Service):
+    """A service whose proxy costs ``cost / CPU limit`` ms: how much a low limit slows requests
+    can change between runs while the service itself does not (a proxy release, a kernel)."""
+
+    def __init__(self, cost: float) -> None:
+        super().__init__(4.0)
+        self.cost = cost
+
+    def point(self, config: MeshConfig) -> Point:
+        p95 = self.service_ms + self.cost / config.effective_cpu_limit
+        return replace(super().point(config), latency_p50_ms=p95 * 0.6, latency_p95_ms=p95, latency_p99_ms=p95 * 1.2)
+
+
+@pytest.mark.parametrize(("before", "after", "verdict"), [(1.0, 0.05, Verdict.UNCHANGED),
+                                                           (0.05, 1.0, Verdict.CHANGED)])
+def test_only_a_move_against_the_recommendation_breaks_it(tmp_path: Path, before: float, after: float,
+                                                          verdict: Verdict) -> None:
+    """The recommendation's latency cost against the baseline goes away (it still delivers what it
+    promised, and better: unchanged, the move reported as better) or appears (worse beyond its
+    interval: it no longer holds)."""
+    spec = small_spec(tmp_path, **SERIES)
+    service = _ProxyCost(before)
+    scheduled = Scheduled(service)
+    first = scheduled(spec)
+    service.cost = after
+    second = scheduled(spec)
+    rec = first.outcome.recommendation
+    assert rec is not None and rec.params
+    checked = recheck_of(_load(spec, second.outcome.run))
+    assert checked is not None
+    entry = checked.recommendation()
+    assert entry is not None and entry.params == rec.params
+    assert "latency_p95_ms" in entry.moved  # beyond its interval either way
+    assert second.outcome.verdict == verdict, second.outcome.lines()
+    direction = "better" if verdict == Verdict.UNCHANGED else "worse"
+    assert any(m.what == "previous recommendation" and m.metric == "latency_p95_ms"
+               and m.text.endswith(f"({direction})") for m in second.outcome.moved), second.outcome.lines()
+    if verdict == Verdict.CHANGED:
+        assert entry.holds is False and entry.reason == "worse beyond its interval: latency_p95_ms"
+    else:
+        assert entry.holds is True and entry.worse == []
+        assert second.outcome.recommendation is not None and second.outcome.recommendation.params == rec.params
 
 
 class _Broken(Service):

@@ -7,8 +7,12 @@ Istio's default, and measured once when it is a previous recommendation), and th
 recommendation and other confirmed configs. Each B's change against the same round's A, with its
 confidence interval, is decided as a confirmation decides it (``_confirm``). A previous
 recommendation *holds* when it is confirmed again (feasible in every round, an objective improved
-beyond its interval) and no objective *moved*: its interval now overlaps the one the previous run
-measured (its confirmation, or its own re-check when it carried the recommendation over). The
+beyond its interval) and no objective moved *against* it. An objective *moved* when its interval no
+longer overlaps the one the previous run measured (its confirmation, or its own re-check when it
+carried the recommendation over) and the two means differ by more than ``measurement.driftThreshold``
+(in percentage points of the change against the baseline); it moved *against* the config when it
+got worse in the objective's direction. A move in the config's favour (a latency cost that went
+away) is reported but does not break the recommendation: it still delivers what it promised. The
 baseline's own values are compared with the previous run's (Welch interval of the difference of
 the means, in % of the previous mean; *moved* when the interval excludes 0 and the change exceeds
 ``measurement.driftThreshold``), so a slower service shows even when every config slowed alike.
@@ -88,7 +92,8 @@ class Recommendation(pydantic.BaseModel):
 class RecheckedConfig(pydantic.BaseModel):
     """One config of the re-check: its ``roles`` (``applied``, ``previous recommendation``,
     ``previous confirmed``), its change per objective against the baseline now and as the previous
-    run measured it, the objectives that ``moved`` (intervals no longer overlap), and for a previous
+    run measured it, the objectives that ``moved`` (intervals no longer overlap and the means differ by
+    more than the drift threshold) and of those the ones that got ``worse``, and for a previous
     recommendation whether it ``holds`` (``None`` for the applied config alone) and why not."""
 
     params: dict[str, ParamValue]
@@ -99,6 +104,7 @@ class RecheckedConfig(pydantic.BaseModel):
     changes: dict[str, Interval] = {}
     before: dict[str, Interval] = {}
     moved: list[str] = []
+    worse: list[str] = []
     holds: bool | None = None
     reason: str | None = None
 
@@ -232,6 +238,18 @@ def _before_baseline(previous: optuna.Study, spec: StudySpec) -> dict[str, list[
     return out
 
 
+def moved_beyond(before: Interval, now: Interval, threshold_pct: float) -> bool:
+    """Whether a change against the baseline moved: the intervals no longer overlap and the means
+    differ by more than ``threshold_pct`` percentage points (two narrow intervals a few points
+    apart are a difference nobody acts on)."""
+    return not now.overlaps(before) and abs(now.mean_pct - before.mean_pct) > threshold_pct
+
+
+def _worse(before: Interval, now: Interval, direction: str) -> bool:
+    """Whether ``now`` is worse than ``before`` for an objective to ``direction``."""
+    return now.mean_pct > before.mean_pct if direction == "minimize" else now.mean_pct < before.mean_pct
+
+
 def welch_change(before: list[float], now: list[float], confidence: float) -> Interval:
     """(mean(now) − mean(before)) / mean(before) in %, with a Welch-t interval (unbounded with
     fewer than 2 values on a side)."""
@@ -282,6 +300,7 @@ def recheck(study: optuna.Study, spec: StudySpec, target: Target, previous: optu
                 runs[i].append(_measure(target, spec, config, obs, load))
         target.restore()
     first = spec.scenario_list()[0].name
+    directions = {o.metric: o.direction for o in spec.objectives}
     baseline = {m: [lookup(r, m, first) if r else None for r in runs[-1]] for m in metrics}
     for i, e in enumerate(entries):
         decided = _decide(spec, -1, runs[-1], runs[i], metrics)
@@ -289,10 +308,12 @@ def recheck(study: optuna.Study, spec: StudySpec, target: Target, previous: optu
         e.changes = {m: Interval.of(c) for m, c in decided.changes.items()}
         if previous is not None and e.source is not None:
             e.before = _before(previous, e.config)
-        e.moved = [m for m in metrics if m in e.changes and m in e.before and not e.changes[m].overlaps(e.before[m])]
+        e.moved = [m for m in metrics if m in e.changes and m in e.before
+                   and moved_beyond(e.before[m], e.changes[m], 100 * spec.measurement.drift_threshold)]
+        e.worse = [m for m in e.moved if _worse(e.before[m], e.changes[m], directions[m])]
         if e.source is not None:
-            e.holds = decided.confirmed and not e.moved
-            e.reason = decided.reason or (f"moved beyond its interval: {', '.join(e.moved)}" if e.moved else None)
+            e.holds = decided.confirmed and not e.worse
+            e.reason = decided.reason or (f"worse beyond its interval: {', '.join(e.worse)}" if e.worse else None)
         logger.info("re-check of %s (%s): %s", e.config.describe(), ", ".join(e.roles),
                     "holds" if e.holds else (e.reason or "measured"))
     moves = []

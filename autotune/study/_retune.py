@@ -9,7 +9,7 @@ search with the flat-front stop (``_stop``; ``measurement.stopAfterFlat``, defau
 - ``unchanged`` — the previous recommendation holds and no new confirmed config beats it beyond
   the intervals: it stays the recommendation;
 - ``changed`` — there was none (the series' first run), it no longer holds (infeasible in a
-  re-check round, no gain beyond its interval any more, or an objective moved), or a new
+  re-check round, no gain beyond its interval any more, or an objective moved against it), or a new
   confirmed config beats it on an objective beyond the intervals, by more than
   ``measurement.driftThreshold`` of its value, and is no worse beyond them on any other: the
   run's own recommendation (the confirmed Pareto config with the best first objective, else the
@@ -215,7 +215,8 @@ def decide(study: optuna.Study, spec: StudySpec, checked: Recheck,
             before, now = prev_entry.before[metric], prev_entry.changes[metric]
             moved.append(Moved(what="previous recommendation", metric=metric, before=before, now=now,
                                text=f"previous recommendation {metric_label(metric)} vs baseline: was "
-                                    f"{before.text()}, now {now.text()}"))
+                                    f"{before.text()}, now {now.text()} "
+                                    f"({'worse' if metric in prev_entry.worse else 'better'})"))
     if prev_entry is None and previous_defaults is not None:
         previous = previous_defaults
         if new is None:
