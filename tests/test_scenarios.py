@@ -182,6 +182,27 @@ def test_early_abort_can_be_turned_off(tmp_path: Path) -> None:
     assert m.aborted is None and [n for *_, n in land.runs_log] == [2, 1, 1]
 
 
+def test_a_config_throttled_beyond_the_bound_in_its_first_window_stops_there(tmp_path: Path) -> None:
+    """``maxThrottledRatio`` is a constraint like the others: the first window's share of
+    throttled CPU periods (what the target read for that window) can end the trial early."""
+    spec = _spec(tmp_path, **{"constraints": {"maxErrorRate": 0.01, "maxThrottledRatio": 0.05,
+                                              "surge": {"maxErrorRate": 0.5, "minThroughputRatio": 0.0},
+                                              "failing": {"maxErrorRate": 0.3}}})
+
+    def throttled(config: MeshConfig) -> Point:
+        return replace(_point(config), throttled_ratio=0.4 if config.effective_cpu_limit < 0.2 else 0.01)
+
+    land = Landscape.synthetic(throttled, conditions=_conditions)
+    with ReplayTarget(land) as target:
+        tight = measure_config(target, spec, MeshConfig(max_connections=8, cpu_limit=0.1), load=ReplayDriver(land))
+        roomy = measure_config(target, spec, MeshConfig(max_connections=8, cpu_limit=0.5), load=ReplayDriver(land))
+    assert tight.aborted is not None and tight.aborted.scenario == "steady"
+    assert tight.metrics["steady.cpu_throttled_ratio"] == pytest.approx(0.4)
+    assert roomy.aborted is None
+    assert [n for c, *_, n in land.runs_log if c.cpu_limit == 0.1] == [1]  # one window, one scenario
+    assert [n for c, *_, n in land.runs_log if c.cpu_limit == 0.5] == [2, 1, 1]
+
+
 def test_a_spec_without_scenarios_runs_one_steady_scenario_as_before(tmp_path: Path) -> None:
     spec = small_spec(tmp_path, **{"study.trials": 3})
     (steady,) = spec.scenario_list()

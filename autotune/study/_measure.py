@@ -88,9 +88,13 @@ def default_driver(spec: StudySpec) -> LoadDriver:
     return LocustDriver(spec.locustfile_path())
 
 
-def breaks(rules: Constraints, load: LoadResult) -> bool:
-    """Whether one window's figures break a constraint (what an early abort looks at)."""
-    return load.error_rate > rules.max_error_rate or load.throughput_ratio < rules.min_throughput_ratio
+def breaks(rules: Constraints, load: LoadResult, usage: ProxyUsage | None = None) -> bool:
+    """Whether one window's figures break a constraint (what an early abort looks at): its error
+    rate, its throughput ratio and, when the rules bound it and the window's CPU was read, the
+    share of CPU-quota periods throttled."""
+    throttled = (rules.max_throttled_ratio is not None and usage is not None
+                 and usage.throttled_ratio > rules.max_throttled_ratio)
+    return throttled or load.error_rate > rules.max_error_rate or load.throughput_ratio < rules.min_throughput_ratio
 
 
 @dataclass
@@ -111,7 +115,7 @@ def _load_run(target: Target, spec: StudySpec, scenario: Scenario, config: MeshC
     usage: list[ProxyUsage] = []
 
     def stop_after(i: int, result: LoadResult) -> bool:
-        run.broke = abort and i == 0 and breaks(scenario.constraints, result)
+        run.broke = abort and i == 0 and breaks(scenario.constraints, result, usage[-1] if usage else None)
         return run.broke
 
     results = load.run(
