@@ -471,7 +471,8 @@ def test_bad_storage_paths_are_one_line_errors_and_reading_creates_nothing(
     code, out = _cli("study", "start", str(spec_path), "--storage", f"sqlite:///{a_dir}")
     assert code == 1 and _one_error(out) and f"the study storage {a_dir} is a folder" in out
     missing = tmp_path / "nothing" / "here.db"
-    for args in (["study", "list"], ["pareto", "t"], ["export", "t", "--out", str(tmp_path / "x")]):
+    for args in (["study", "list"], ["pareto", "t"], ["export", "t", "--out", str(tmp_path / "x")],
+                 ["dashboard", "--port", "1"]):  # refused before any server starts
         code, out = _cli(*args, "--storage", f"sqlite:///{missing}")
         assert code == 1 and f"no study storage at {missing}" in _one_error(out), args
     assert not missing.parent.exists() and not (tmp_path / "x").exists()

@@ -257,14 +257,16 @@ def export(name: str, storage: str, out: Path) -> None:
               help="The trials' artifact store (a spec's study.artifactsDir, default <resultsDir>/artifacts).")
 def dashboard(storage: str, port: int, artifacts_dir: Path) -> None:
     """Serve optuna-dashboard for the storage on 127.0.0.1 (the URL stays out of argv and logs).
-    Only feasible trials are marked best; each trial lists its constraints and artifacts."""
+    Only feasible trials are marked best; each trial lists its constraints and artifacts. A
+    SQLite storage that does not exist is an error (a mistyped path never creates an empty one)."""
     from autotune.cli._dashboard import serve
-    from autotune.study import make_storage, redact
+    from autotune.study import make_storage, redact, resolve_url, storage_errors
 
     quiet_optuna()
-
+    with storage_errors(resolve_url(storage), "read"):
+        opened = make_storage(storage, create=False)
     console.print(f"optuna-dashboard on http://127.0.0.1:{port}/ for {redact(storage)} (Ctrl-C stops)")
-    serve(make_storage(storage), "127.0.0.1", port, artifacts_dir)
+    serve(opened, "127.0.0.1", port, artifacts_dir)
 
 
 @main.group()
