@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import optuna_dashboard._app as app
 import pytest
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ from autotune.cli._dashboard import feasibility_patches
 
 def test_missing_internal_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delattr(app, "get_pareto_front_trials")
+    optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/x.db")  # a storage that exists
     result = CliRunner().invoke(main, ["dashboard", "--storage", f"sqlite:///{tmp_path}/x.db"])
     assert result.exit_code == 1
     assert "Error: autotune dashboard wraps optuna-dashboard's optuna_dashboard._app.get_pareto_front_trials" in \
