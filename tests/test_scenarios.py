@@ -203,6 +203,29 @@ def test_a_config_throttled_beyond_the_bound_in_its_first_window_stops_there(tmp
     assert [n for c, *_, n in land.runs_log if c.cpu_limit == 0.5] == [2, 1, 1]
 
 
+def test_a_confirmation_smaller_than_the_front_covers_each_objective(tmp_path: Path) -> None:
+    """confirmMaxConfigs smaller than the front: the best config of each objective (steady p95,
+    surge goodput, a maximized one, CPU) is confirmed, not the runners-up of the first objective."""
+    from autotune.study._confirm import candidates
+    from autotune.study._front import pareto_trials
+
+    spec = _spec(tmp_path, **{"study.trials": 16, "study.sampler": "random", "measurement.confirmRounds": 0})
+    land = _land()
+    study = run_study(spec, target=ReplayTarget(land), load=ReplayDriver(land))
+    front = [t for t in pareto_trials(study) if not TrialRecord.read(t).baseline]
+    bests = {min(front, key=lambda t: (t.values[0], t.number)).number,
+             max(front, key=lambda t: (t.values[1], -t.number)).number,
+             min(front, key=lambda t: (t.values[2], t.number)).number}
+    assert len(front) > len(bests) >= 2, [t.values for t in front]
+    small = spec.with_overrides(**{"measurement.confirm_max_configs": len(bests)})
+    chosen = [t.number for t in candidates(study, small)]
+    assert set(chosen) == bests
+    assert chosen == [t.number for t in front if t.number in bests]  # in front order
+    # One slot: the best first objective.
+    assert [t.number for t in candidates(study, spec.with_overrides(**{"measurement.confirm_max_configs": 1}))] \
+        == [front[0].number]
+
+
 def test_a_spec_without_scenarios_runs_one_steady_scenario_as_before(tmp_path: Path) -> None:
     spec = small_spec(tmp_path, **{"study.trials": 3})
     (steady,) = spec.scenario_list()

@@ -483,9 +483,10 @@ class MeasurementSpec(_Model):
     each metric; if the p95's coefficient of variation is above ``target_cv`` it runs more windows,
     up to ``max_repeats``. Every ``drift_every`` trials the baseline is measured again; a change
     of its p95 beyond ``drift_threshold`` is reported, and each trial is compared with the
-    nearest baseline. At the end, the Pareto configs and the baseline are re-measured interleaved
-    (``confirm_rounds`` rounds of A B1 B2 …) and a config is *confirmed* only if its gain over
-    the baseline holds at ``confidence``. With ``early_abort``, a config that breaks a constraint
+    nearest baseline. At the end, the Pareto configs (at most ``confirm_max_configs``: the best of
+    each objective in turn) and the baseline are re-measured interleaved (``confirm_rounds``
+    rounds of A B1 B2 …) and a config is *confirmed* only if its gain over the baseline holds at
+    ``confidence``. With ``early_abort``, a config that breaks a constraint
     in the first window of a scenario is not measured further (see ``early_abort``).
     """
 

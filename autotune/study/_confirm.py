@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -46,9 +47,31 @@ logger = logging.getLogger(__name__)
 
 
 def candidates(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
-    """The Pareto configs to confirm (not the baseline itself), best first objective first."""
+    """The Pareto configs to confirm (not the baseline itself), at most
+    ``measurement.confirmMaxConfigs``: the best of each objective in turn (first objective's,
+    second's, …, then the runner-up of each, …), so a confirmation smaller than the front covers
+    its trade-offs instead of the configs that differ only by noise on the first objective.
+    Returned in front order (best first objective first)."""
     front = [t for t in pareto_trials(study) if not TrialRecord.read(t).baseline]
-    return front[: spec.measurement.confirm_max_configs]
+    limit = spec.measurement.confirm_max_configs
+    if len(front) <= limit:
+        return front
+    rankings = [sorted(front, key=partial(_rank_key, i, _sign(d))) for i, d in enumerate(study.directions)]
+    chosen: list[int] = []
+    for rank in range(len(front)):  # the rank-th best of each objective, round by round
+        for ranking in rankings:
+            if len(chosen) < limit and ranking[rank].number not in chosen:
+                chosen.append(ranking[rank].number)
+    return [t for t in front if t.number in chosen]
+
+
+def _sign(direction: optuna.study.StudyDirection) -> float:
+    return 1.0 if direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+
+
+def _rank_key(objective: int, sign: float, trial: FrozenTrial) -> tuple[float, int]:
+    """Best first on ``objective`` (``sign`` -1 for a maximized one), then trial number."""
+    return sign * trial.values[objective], trial.number
 
 
 def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,

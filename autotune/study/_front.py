@@ -10,8 +10,8 @@ from autotune.study._record import TrialRecord, is_feasible
 
 
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible completed trials that no other feasible trial dominates, sorted by the first
-    objective (then trial number). Feasibility is the constraints each trial stored; baseline
+    """Feasible completed trials that no other feasible trial dominates, best first objective
+    first (then trial number). Feasibility is the constraints each trial stored; baseline
     drift re-measurements are left out (they repeat trial 0's config)."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.values is not None and is_feasible(t) and not TrialRecord.read(t).drift_check]
@@ -25,7 +25,7 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
         dominated = np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1))
         if not dominated:
             front.append(trials[i])
-    return sorted(front, key=lambda t: (t.values[0], t.number))
+    return sorted(front, key=lambda t: (sign[0] * t.values[0], t.number))
 
 
 def baseline_trial(study: optuna.Study, *, first: bool = False, near: int | None = None) -> FrozenTrial | None:
