@@ -42,7 +42,7 @@ from autotune.study._record import (
     TrialRecord,
     confirmation_of,
     knob_effects_of,
-    retune_part,
+    read_retune_part,
     set_retune_part,
 )
 from autotune.targets import Observed, Target
@@ -143,14 +143,7 @@ class Recheck(pydantic.BaseModel):
 
 def recheck_of(study: optuna.Study) -> Recheck | None:
     """The stored re-check of a run, if any (one this version cannot read is logged and ignored)."""
-    raw = retune_part(study, "recheck")
-    if not isinstance(raw, dict):
-        return None
-    try:
-        return Recheck.model_validate(raw)
-    except pydantic.ValidationError as exc:
-        logger.warning("ignoring the stored re-check of study %s: %s", study.study_name, exc)
-        return None
+    return read_retune_part(study, "recheck", Recheck, "re-check")
 
 
 def applied_config(observed: Observed) -> MeshConfig | None:

@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NotRequired, Protocol
+from typing import NotRequired, Protocol, TypeVar
 
 import optuna
 import pydantic
@@ -502,6 +502,22 @@ def retune_part(study: _HasUserAttrs, part: str) -> object | None:
     if part not in RETUNE_PARTS:
         raise ValueError(f"part must be one of {RETUNE_PARTS}, got {part!r}")
     return study.user_attrs.get(f"{_RETUNE}{part}")
+
+
+_M = TypeVar("_M", bound=pydantic.BaseModel)
+
+
+def read_retune_part(study: optuna.Study, part: str, model: type[_M], what: str) -> _M | None:
+    """One stored part of a scheduled run's result read as ``model``; ``None`` when absent, and
+    when this version cannot read it (logged as ``ignoring the stored <what> of study …``)."""
+    raw = retune_part(study, part)
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        logger.warning("ignoring the stored %s of study %s: %s", what, study.study_name, exc)
+        return None
 
 
 def set_retune_part(study: optuna.Study, part: str, data: object) -> None:

@@ -52,6 +52,7 @@ from autotune.study._record import (
     confirmation_of,
     enqueue_baseline,
     knob_effects_of,
+    read_retune_part,
     retune_part,
     set_retune_part,
     set_run_info,
@@ -118,12 +119,7 @@ class Outcome(pydantic.BaseModel):
 
 def run_outcome_of(study: optuna.Study) -> Outcome | None:
     """The stored outcome of a scheduled run, if any."""
-    raw = retune_part(study, "outcome")
-    try:
-        return Outcome.model_validate(raw) if isinstance(raw, dict) else None
-    except pydantic.ValidationError as exc:
-        logger.warning("ignoring the stored outcome of study %s: %s", study.study_name, exc)
-        return None
+    return read_retune_part(study, "outcome", Outcome, "outcome")
 
 
 def run_verdict(study: optuna.Study | optuna.study.StudySummary) -> Verdict | None:

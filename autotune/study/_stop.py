@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
 from autotune.study._objectives import lookup
-from autotune.study._record import TrialRecord, is_feasible, retune_part, set_retune_part
+from autotune.study._record import TrialRecord, is_feasible, read_retune_part, set_retune_part
 
 logger = logging.getLogger(__name__)
 #: ``study run-scheduled`` stops after this many flat trials when the spec does not say.
@@ -93,12 +93,7 @@ class FrontProgress:
 
 
 def _stored(study: optuna.Study) -> _StopJSON:
-    raw = retune_part(study, "stop")
-    try:
-        return _StopJSON.model_validate(raw) if isinstance(raw, dict) else _StopJSON()
-    except pydantic.ValidationError as exc:
-        logger.warning("ignoring the stored stop rule of study %s: %s", study.study_name, exc)
-        return _StopJSON()
+    return read_retune_part(study, "stop", _StopJSON, "stop rule") or _StopJSON()
 
 
 def store_baseline_values(study: optuna.Study, values: Mapping[str, Sequence[float]]) -> None:

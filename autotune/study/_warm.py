@@ -22,7 +22,13 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.mesh import NO_LIMIT, MeshConfig, ParamValue
 from autotune.spec import SearchParam, StudySpec
 from autotune.study._front import pareto_trials
-from autotune.study._record import TrialRecord, enqueue_carried, is_feasible, retune_part, set_retune_part
+from autotune.study._record import (
+    TrialRecord,
+    enqueue_carried,
+    is_feasible,
+    read_retune_part,
+    set_retune_part,
+)
 
 logger = logging.getLogger(__name__)
 #: Besides the front, the best this many feasible configs of each objective are carried.
@@ -54,12 +60,7 @@ class WarmStart(pydantic.BaseModel):
 
 def warm_start_of(study: optuna.Study) -> WarmStart | None:
     """The stored warm start of a run, if any."""
-    raw = retune_part(study, "warm_start")
-    try:
-        return WarmStart.model_validate(raw) if isinstance(raw, dict) else None
-    except pydantic.ValidationError as exc:
-        logger.warning("ignoring the stored warm start of study %s: %s", study.study_name, exc)
-        return None
+    return read_retune_part(study, "warm_start", WarmStart, "warm start")
 
 
 def candidates(previous: optuna.Study) -> list[FrozenTrial]:
