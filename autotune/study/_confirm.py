@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from functools import partial
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -27,7 +26,7 @@ from autotune.load import LoadDriver
 from autotune.mesh import MeshConfig
 from autotune.spec import StudySpec
 from autotune.study._effects import minimal_config
-from autotune.study._front import pareto_trials
+from autotune.study._front import best_first, pareto_trials
 from autotune.study._measure import default_driver, measure_config
 from autotune.study._objectives import lookup, violations
 from autotune.study._progress import NullObserver, Observer
@@ -56,7 +55,7 @@ def candidates(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
     limit = spec.measurement.confirm_max_configs
     if len(front) <= limit:
         return front
-    rankings = [sorted(front, key=partial(_rank_key, i, _sign(d))) for i, d in enumerate(study.directions)]
+    rankings = [best_first(front, study.directions, i) for i in range(len(study.directions))]
     chosen: list[int] = []
     for rank in range(len(front)):  # the rank-th best of each objective, round by round
         for ranking in rankings:
@@ -64,14 +63,6 @@ def candidates(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
                 chosen.append(ranking[rank].number)
     return [t for t in front if t.number in chosen]
 
-
-def _sign(direction: optuna.study.StudyDirection) -> float:
-    return 1.0 if direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-
-
-def _rank_key(objective: int, sign: float, trial: FrozenTrial) -> tuple[float, int]:
-    """Best first on ``objective`` (``sign`` -1 for a maximized one), then trial number."""
-    return sign * trial.values[objective], trial.number
 
 
 def confirm_front(study: optuna.Study, spec: StudySpec, target: Target,

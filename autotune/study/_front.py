@@ -17,15 +17,25 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
               if t.values is not None and is_feasible(t) and not TrialRecord.read(t).drift_check]
     if not trials:
         return []
-    sign = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
-                     for d in study.directions])
-    values = np.array([t.values for t in trials], dtype=float) * sign
+    values = np.array([t.values for t in trials], dtype=float) * np.array([_sign(d) for d in study.directions])
     front = []
     for i, v in enumerate(values):
         dominated = np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1))
         if not dominated:
             front.append(trials[i])
-    return sorted(front, key=lambda t: (sign[0] * t.values[0], t.number))
+    return best_first(front, study.directions, 0)
+
+
+def best_first(trials: list[FrozenTrial], directions: list[optuna.study.StudyDirection],
+               objective: int) -> list[FrozenTrial]:
+    """``trials`` (each with values) sorted best first on objective number ``objective`` (lowest
+    when minimized, highest when maximized), then by trial number."""
+    sign = _sign(directions[objective])
+    return sorted(trials, key=lambda t: (sign * t.values[objective], t.number))
+
+
+def _sign(direction: optuna.study.StudyDirection) -> float:
+    return 1.0 if direction == optuna.study.StudyDirection.MINIMIZE else -1.0
 
 
 def baseline_trial(study: optuna.Study, *, first: bool = False, near: int | None = None) -> FrozenTrial | None:

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.mesh import NO_LIMIT, MeshConfig, ParamValue
 from autotune.spec import SearchParam, StudySpec
-from autotune.study._front import pareto_trials
+from autotune.study._front import best_first, pareto_trials
 from autotune.study._record import (
     TrialRecord,
     enqueue_carried,
@@ -69,9 +69,8 @@ def candidates(previous: optuna.Study) -> list[FrozenTrial]:
     done = [t for t in previous.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.values is not None and is_feasible(t) and not TrialRecord.read(t).baseline]
     picked = [t for t in pareto_trials(previous) if not TrialRecord.read(t).baseline]
-    for i, direction in enumerate(previous.directions):
-        sign = 1.0 if direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-        picked += sorted(done, key=lambda t, i=i, s=sign: (s * t.values[i], t.number))[:BEST_PER_OBJECTIVE]  # type: ignore[misc]
+    for i in range(len(previous.directions)):
+        picked += best_first(done, previous.directions, i)[:BEST_PER_OBJECTIVE]
     seen: set[MeshConfig] = set()
     out = []
     for t in picked:
