@@ -77,3 +77,12 @@ def fast_storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
         monkeypatch.setattr(_specs, "small_spec_data", data)
         yield
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A fake Kubernetes API server with Prometheus (``fake_k8s.KubeEnv``), one per test module."""
+    from fake_k8s import kube_env
+
+    with kube_env(tmp_path_factory.mktemp("kube")) as env:
+        yield env

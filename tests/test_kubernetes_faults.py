@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,11 @@ from autotune.targets.kubernetes import KubernetesTarget
 from autotune.targets.kubernetes._faults import ENV_ERROR_RATE, FAULT_LABEL
 from autotune.targets.kubernetes._snapshot import STATE_KEY
 from autotune.testing.conformance import burst
-from fake_k8s import DictStore, FakeCluster, KubeEnv, kube_env
+from fake_k8s import DictStore, FakeCluster, KubeEnv
 
 NS, DEP = KubeEnv.NAMESPACE, KubeEnv.DEPLOYMENT
 ROOT = Path(__file__).resolve().parent.parent
 FAILING = {"name": "failing", "faults": [{"endpoints": 1, "errorRate": 1}], "windows": 1}
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
-    with kube_env(tmp_path_factory.mktemp("kube")) as env:
-        yield env
 
 
 @pytest.fixture

@@ -31,12 +31,6 @@ DR_PATH = f"/apis/networking.istio.io/v1/namespaces/{NS}/destinationrules"
 DEP_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/{DEP}"
 
 
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
-    with kube_env(tmp_path_factory.mktemp("kube")) as env:
-        yield env
-
-
 @pytest.fixture
 def env(kube: KubeEnv) -> KubeEnv:
     kube.seed(annotations={"proxy.istio.io/config": HOLD}, traffic_policy={

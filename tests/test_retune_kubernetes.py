@@ -21,17 +21,11 @@ from click.testing import CliRunner
 from autotune.cli import main
 from autotune.mesh import MeshConfig, SidecarResources, parse_cpu, sidecar_annotations, traffic_policy
 from autotune.study import Verdict, recheck_of, run_outcome_of
-from fake_k8s import KubeEnv, kube_env
+from fake_k8s import KubeEnv
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 NS, DEP, DR = KubeEnv.NAMESPACE, KubeEnv.DEPLOYMENT, KubeEnv.DR
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
-    with kube_env(tmp_path_factory.mktemp("kube")) as env:
-        yield env
 
 
 def _shipped_spec(env: KubeEnv, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
